@@ -84,10 +84,13 @@ def create_model(
         cfg = dict(MODEL_CONFIGS[key])
         if ckpt is not None and ckpt.head_type is not None:
             # the checkpoint's classifier defines the default head, not the name
-            inferred = ckpt.infer_config()
+            inferred = ckpt.infer_config(num_heads=cfg["num_heads"])
             cfg.update({k: inferred[k] for k in _HEAD_FIELDS if k in inferred})
+        if ckpt is not None and "norm_eps" in ckpt.config:
+            cfg["norm_eps"] = ckpt.config["norm_eps"]  # HF's 1e-12; names do not say
     elif ckpt is not None:
-        cfg = {k: v for k, v in ckpt.infer_config().items() if k in _FIELDS}
+        inferred = ckpt.infer_config(num_heads=overrides.get("num_heads"))
+        cfg = {k: v for k, v in inferred.items() if k in _FIELDS}
     else:
         raise ValueError("create_model needs a model name or a checkpoint")
 

@@ -78,8 +78,11 @@ class Checkpoint:
         w = self.state_dict.get("head.weight")
         return None if w is None else int(w.shape[0])
 
-    def infer_config(self) -> dict[str, Any]:
-        """Architecture from the recorded config, else from tensor shapes."""
+    def infer_config(self, num_heads: int | None = None) -> dict[str, Any]:
+        """Architecture from the recorded config, else from tensor shapes.
+
+        ``num_heads`` fills in what timm and HF state dicts do not record.
+        """
         sd = self.state_dict
         cfg: dict[str, Any] = {}
         try:
@@ -108,6 +111,8 @@ class Checkpoint:
         if "pre_logits.fc.weight" in sd:
             cfg["representation_size"] = int(sd["pre_logits.fc.weight"].shape[0])
         cfg.update(self.config)  # recorded values win over guesses
+        if num_heads is not None:
+            cfg["num_heads"] = num_heads
         if "num_heads" not in cfg:
             if cfg["embed_dim"] not in _STANDARD_HEADS:
                 raise CheckpointError(
@@ -542,9 +547,9 @@ def load_checkpoint(
                 f"key(s) not in this architecture {', '.join(repr(k) for k in unexpected[:5])}"
             )
         raise _fail(src, "; ".join(parts))
-    for k, v in sd.items():
-        if k in own and v.shape != own[k].shape:
-            raise _fail(src, _shape_msg(k, v, own[k]))
+    for k, want in own.items():  # model order: the first mismatch is the most telling
+        if k in sd and sd[k].shape != want.shape:
+            raise _fail(src, _shape_msg(k, sd[k], want))
 
     with torch.no_grad():
         for k, v in sd.items():
