@@ -136,7 +136,11 @@ def test_npz_layout_and_logits(timm_src, timm_logits_384, images, tmp_path):
         out = npz["Transformer/encoderblock_11/MultiHeadDotProductAttention_1/out/kernel"]
         assert out.shape == (heads, dim // heads, dim)
         assert npz["head/kernel"].shape == (dim, NUM_CLASSES)
-    assert {"cls", "Transformer/posembed_input/pos_embedding", "Transformer/encoder_norm/scale"} <= keys
+    assert {
+        "cls",
+        "Transformer/posembed_input/pos_embedding",
+        "Transformer/encoder_norm/scale",
+    } <= keys
     assert "Transformer/encoderblock_0/MlpBlock_3/Dense_1/bias" in keys
 
     # ours, no name needed: heads are in the kernel shapes
@@ -237,7 +241,9 @@ def test_hf_vitmodel_pooler_becomes_pre_logits(tmp_path):
     with torch.no_grad():
         ref = hf(pixel_values=x)
         ours = model.forward_head(model.forward_features(x), pre_logits=True)
-        torch.testing.assert_close(model.forward_features(x), ref.last_hidden_state, atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            model.forward_features(x), ref.last_hidden_state, atol=ATOL, rtol=0
+        )
     torch.testing.assert_close(ours, ref.pooler_output, atol=ATOL, rtol=0)
     assert torch.count_nonzero(model.head.weight) == 0  # new classifier, zero-initialised
 
