@@ -137,6 +137,11 @@ def resample_pos_embed(
     return torch.cat([prefix, grid.to(pos_embed.dtype)], dim=1)
 
 
+def _dropout(p: float) -> nn.Module:
+    # no module call at all when off (the paper's fine-tuning and JFT settings)
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class PatchEmbed(nn.Module):
     """Cut the image into PxP patches and project each to D dims (a Conv2d, kernel = stride = P)."""
 
@@ -145,9 +150,12 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, H, W] -> [B, H/P, W/P, D] (grid kept so callers know its shape)."""
-        return self.proj(x).permute(0, 2, 3, 1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """[B, C, H, W] -> ([B, N, D], patch grid (H/P, W/P))."""
+        x = self.proj(x)
+        grid = (x.shape[2], x.shape[3])
+        # a view, no copy: the concatenation with the class token makes the one copy needed
+        return x.flatten(2).transpose(1, 2), grid
 
 
 class DropPath(nn.Module):
@@ -186,7 +194,7 @@ class Attention(nn.Module):
         self.attn_drop = attn_drop
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
+        self.proj_drop = _dropout(proj_drop)
 
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
@@ -224,9 +232,9 @@ class Mlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
+        self.drop1 = _dropout(drop)
         self.fc2 = nn.Linear(hidden, dim)
-        self.drop2 = nn.Dropout(drop)
+        self.drop2 = _dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
@@ -301,7 +309,7 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.embed_dim)) if c.class_token else None
         num_pos = c.grid_size[0] * c.grid_size[1] + self.num_prefix_tokens
         self.pos_embed = nn.Parameter(torch.zeros(1, num_pos, c.embed_dim))
-        self.pos_drop = nn.Dropout(c.drop_rate)
+        self.pos_drop = _dropout(c.drop_rate)
         # stochastic depth rate grows linearly with depth (Huang et al.; timm, DeiT)
         dpr = [c.drop_path_rate * i / max(c.depth - 1, 1) for i in range(c.depth)]
         self.blocks = nn.ModuleList(
@@ -395,9 +403,7 @@ class VisionTransformer(nn.Module):
         p = self.config.patch_size
         if H % p or W % p:
             raise ValueError(f"input size {H}x{W} is not divisible by the patch size {p}")
-        x = self.patch_embed(x)  # [B, h, w, D]
-        grid = (x.shape[1], x.shape[2])
-        x = x.reshape(B, grid[0] * grid[1], x.shape[-1])
+        x, grid = self.patch_embed(x)
         pos_embed = self.pos_embed
         if grid != self.grid_size:
             # another input size: interpolate on the fly, like loading at a new resolution
