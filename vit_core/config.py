@@ -95,6 +95,11 @@ def _build(cls: type[T], data: dict, prefix: str = "") -> T:
     return cls(**kwargs)
 
 
+def from_dict(cls: type[T], data: dict) -> T:
+    """Rebuild a config from `to_dict` output (e.g. after crossing into a Ray worker)."""
+    return _build(cls, data)
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree

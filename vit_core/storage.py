@@ -106,7 +106,9 @@ def _explain(err: Exception, location: str) -> StorageError:
             f"no S3 credentials for {location}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
         )
     if isinstance(err, botocore.exceptions.EndpointConnectionError):
-        return StorageError(f"cannot reach the S3 endpoint {endpoint_url() or 'AWS'} for {location}")
+        return StorageError(
+            f"cannot reach the S3 endpoint {endpoint_url() or 'AWS'} for {location}"
+        )
     if isinstance(err, botocore.exceptions.ClientError):
         code = err.response.get("Error", {}).get("Code", "")
         if code == "NoSuchBucket":
@@ -172,6 +174,13 @@ def upload_file(local_path: str | os.PathLike, location: str) -> None:
         return
     loc = S3Location.parse(location)
     _call(location, s3_client().upload_file, str(local_path), loc.bucket, loc.key)
+
+
+def upload_dir(local_dir: str | os.PathLike, location: str) -> None:
+    """Copy every file under a local directory to a location, keeping relative paths."""
+    root = Path(local_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        upload_file(path, join(location, path.relative_to(root).as_posix()))
 
 
 def download_file(location: str, local_path: str | os.PathLike) -> Path:
@@ -273,4 +282,3 @@ def materialize(location: str) -> Path:
     for uri in files:
         download_file(uri, target / name / uri[len(prefix) :])
     return target / name
-

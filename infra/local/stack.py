@@ -332,17 +332,24 @@ class RayCluster:
             log = self.root / "ray-head.log"
             head = self._start_node(
                 [
-                    "--head", f"--port={self.port}", f"--temp-dir={self._temp_dir()}",
-                    f"--dashboard-host={HOST}", f"--dashboard-port={self.dashboard_port}",
+                    "--head",
+                    f"--port={self.port}",
+                    f"--temp-dir={self._temp_dir()}",
+                    f"--dashboard-host={HOST}",
+                    f"--dashboard-port={self.dashboard_port}",
                     "--include-dashboard=true",
                 ],  # fmt: skip
                 log,
             )
-            wait_until(lambda: http_ok(f"{self.dashboard_url}/api/version"), timeout, "Ray head", log, head)
+            wait_until(
+                lambda: http_ok(f"{self.dashboard_url}/api/version"), timeout, "Ray head", log, head
+            )
             for i in range(self.workers):
                 wlog = self.root / f"ray-worker-{i}.log"
                 self._start_node([f"--address={self.address}"], wlog)
-            wait_until(lambda: self.alive_nodes() == self.workers + 1, timeout, "Ray worker nodes", log)
+            wait_until(
+                lambda: self.alive_nodes() == self.workers + 1, timeout, "Ray worker nodes", log
+            )
         except BaseException:
             self.stop()
             raise
@@ -461,7 +468,9 @@ def step(what: str, fn) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m infra.local.stack", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m infra.local.stack", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start SeaweedFS, MLflow and a Ray cluster on 127.0.0.1")
     up.add_argument("--ray-workers", type=int, default=1, help="Ray worker nodes beside the head")
@@ -476,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "up":
             if (root / "state.json").exists():
                 raise StackError(f"a stack is already recorded in {root}; run `down` first")
-            stack = LocalStack(root, ray_workers=args.ray_workers, fixed_ports=not args.random_ports)
+            stack = LocalStack(
+                root, ray_workers=args.ray_workers, fixed_ports=not args.random_ports
+            )
             stack.start()
             stack.save()
             print(f"stack up; run `source {root / 'env'}` to use it")

@@ -1,0 +1,106 @@
+"""Fixtures that start the real services on 127.0.0.1 and stop them afterwards.
+
+`s3` (SeaweedFS), `mlflow_server` (MLflow on SQLite, artifacts in that S3) and
+`ray_cluster` (a head and a worker node) are session-wide: each starts once, when a
+test first asks for it. They export the standard variables (AWS_*, MLFLOW_TRACKING_URI,
+RAY_ADDRESS) so the code under test finds them as a user's job would.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import uuid
+
+# Drivers started here resolve "localhost" to 127.0.0.1, as the stack's Ray nodes do.
+# Read by Ray when it is imported, so it is set before any test imports it.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+# No test may reach a real cloud account through a developer's own settings.
+for _name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
+    os.environ.pop(_name, None)
+
+import pytest  # noqa: E402
+
+from infra.local.stack import MLflowServer, RayCluster, SeaweedFS  # noqa: E402
+
+
+class EnvPatch:
+    """Set environment variables for the session and put the old values back."""
+
+    def __init__(self) -> None:
+        self.saved: dict[str, str | None] = {}
+
+    def set(self, values: dict[str, str]) -> None:
+        for key, value in values.items():
+            self.saved.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+
+    def restore(self) -> None:
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def session_env():
+    patch = EnvPatch()
+    yield patch
+    patch.restore()
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory, session_env) -> SeaweedFS:
+    store = SeaweedFS(
+        tmp_path_factory.mktemp("seaweedfs"),
+        access_key="test" + secrets.token_hex(4),
+        secret_key=secrets.token_urlsafe(18),
+        buckets=("vit", "mlflow"),
+    )
+    store.start()
+    session_env.set(store.env())
+    yield store
+    store.stop()
+
+
+@pytest.fixture
+def s3_prefix(s3) -> str:
+    """A fresh s3:// prefix in the `vit` bucket for one test."""
+    return f"s3://vit/tests/{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3, tmp_path_factory, session_env) -> MLflowServer:
+    server = MLflowServer(tmp_path_factory.mktemp("mlflow"), s3.env())
+    server.start()
+    session_env.set(server.env())
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3, mlflow_server, tmp_path_factory, session_env) -> RayCluster:
+    cluster = RayCluster(
+        tmp_path_factory.mktemp("ray"),
+        workers=1,
+        env_extra={**s3.env(), **mlflow_server.env()},
+    )
+    cluster.start()
+    session_env.set(cluster.env())
+    yield cluster
+    import ray
+
+    ray.shutdown()
+    cluster.stop()
+
+
+@pytest.fixture
+def ray_client(ray_cluster):
+    """A driver connected to the session's multi-node cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.address, log_to_driver=False)
+    yield ray

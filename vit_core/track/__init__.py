@@ -1,0 +1,1 @@
+"""MLflow: runs, metrics, pictures, the model registry and the served model."""

@@ -1,0 +1,71 @@
+"""Pictures people look at, as PNG bytes: curves, confusion matrices, attention maps."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on training nodes
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def curves_png(series: dict[str, list[tuple[int, float]]], title: str) -> bytes:
+    """One panel per metric, each a line over optimiser steps."""
+    fig, axes = plt.subplots(1, len(series), figsize=(4.5 * len(series), 3.2), squeeze=False)
+    for ax, (name, points) in zip(axes[0], series.items(), strict=True):
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker="." if len(points) < 30 else None)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _png(fig)
+
+
+def confusion_matrix_png(matrix: np.ndarray, class_names: list[str], title: str) -> bytes:
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * n, 0.8 + 0.45 * n))
+    normalised = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=90)
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    colour = "white" if normalised[i, j] > 0.5 else "black"
+                    ax.text(
+                        j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7, color=colour
+                    )
+    ax.set_title(title)
+    return _png(fig)
+
+
+def attention_png(images: np.ndarray, maps: np.ndarray, captions: list[str]) -> bytes:
+    """Each image beside the class token's attention over the patches (last block,
+    averaged over heads), upsampled to the image."""
+    n = len(images)
+    fig, axes = plt.subplots(2, n, figsize=(2.2 * n, 4.6), squeeze=False)
+    for i in range(n):
+        axes[0, i].imshow(images[i])
+        axes[0, i].set_title(captions[i], fontsize=8)
+        axes[1, i].imshow(images[i])
+        axes[1, i].imshow(
+            maps[i], cmap="inferno", alpha=0.6,
+            extent=(-0.5, images[i].shape[1] - 0.5, images[i].shape[0] - 0.5, -0.5),
+        )  # fmt: skip
+        for ax in axes[:, i]:
+            ax.axis("off")
+    return _png(fig)

@@ -1,0 +1,115 @@
+"""Training state to and from a checkpoint directory, without pickled code.
+
+A checkpoint directory holds:
+  model/             the weights in vit_core's format (safetensors + config.json)
+  train_state.pt     optimiser, schedule, EMA and RNG state: tensors and plain values
+                     only, read back with torch.load(weights_only=True)
+  progress.json      step, epoch and the MLflow run id
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vit_core.model import VisionTransformer, save_model
+
+MODEL_DIR = "model"
+STATE_FILE = "train_state.pt"
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimiser steps taken
+    epoch: int = 0  # passes over the training data started
+    bad_samples: int = 0  # skipped corrupt samples so far
+    best_top1: float = -1.0
+
+
+def unwrap(model: nn.Module) -> VisionTransformer:
+    """The VisionTransformer inside DDP/compile wrappers."""
+    while not isinstance(model, VisionTransformer):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if model is None:
+            raise TypeError("no VisionTransformer inside the wrapped model")
+    return model
+
+
+def is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return isinstance(model, FSDP)
+
+
+def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimiser state. Under FSDP every rank must call it."""
+    if not is_fsdp(model):
+        return unwrap(model).state_dict(), optimizer.state_dict()
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.state_dict_type(
+        model,
+        StateDictType.FULL_STATE_DICT,
+        FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
+        FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True),
+    ):
+        return model.state_dict(), FSDP.optim_state_dict(model, optimizer)
+
+
+def save_training_state(
+    directory: Path,
+    config_model: VisionTransformer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+    ema: nn.Module | None = None,
+) -> Path:
+    """Write a checkpoint from gathered state (rank 0 only)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    # A fresh CPU model of the same config carries the gathered weights into save_model.
+    cpu_model = VisionTransformer(config_model.config)
+    cpu_model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()})
+    save_model(cpu_model, directory / MODEL_DIR)
+    state = {
+        "optimizer": optimizer_state,
+        "scheduler": scheduler.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "python_rng": list(random.getstate()[1]),
+    }
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    torch.save(state, directory / STATE_FILE)
+    (directory / PROGRESS_FILE).write_text(json.dumps(asdict(progress)))
+    return directory
+
+
+def load_training_state(
+    directory: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: nn.Module | None = None,
+) -> Progress:
+    from safetensors.torch import load_file
+
+    unwrap(model).load_state_dict(load_file(directory / MODEL_DIR / "model.safetensors"))
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    random.setstate((3, tuple(state["python_rng"]), None))
+    if ema is not None and "ema" in state:
+        ema.load_state_dict(state["ema"])
+    return Progress(**json.loads((directory / PROGRESS_FILE).read_text()))
+
+
+def read_progress(directory: Path) -> Progress:
+    return Progress(**json.loads((directory / PROGRESS_FILE).read_text()))
