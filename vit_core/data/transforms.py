@@ -1,0 +1,205 @@
+"""Image decoding and augmentation on CPU, per Ray Data batch, in uint8 until the end.
+
+Train: random resized crop (torchvision's sampling of area and aspect ratio), optional
+RandAugment (timm's, on the PIL crop), horizontal flip; eval: resize the shorter side to
+image_size / eval_crop_pct and centre crop. Both are one PIL `resize(box=...)` call on the
+decoded image: the crop and the resize happen together, in C. JPEGs are first decoded at
+1/2, 1/4 or 1/8 scale (`draft`) whenever the crop still covers image_size pixels there,
+which is most of the saving on large photos. Normalisation runs once on the whole batch.
+
+A row that cannot be used (undecodable payload, missing or out-of-range label, or an error
+the reader recorded) comes out with valid=False, a zero image and label 0, and a warning
+names its key and shard; see vit_core.data.loader for how the train loop counts them.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import math
+import random
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+logger = logging.getLogger("vit_core.data")
+
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+
+
+@dataclass(frozen=True)
+class TransformSpec:
+    image_size: int
+    train: bool
+    num_classes: int
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = RATIO
+    hflip: float = 0.0
+    eval_crop_pct: float = 1.0
+    randaugment: str | None = None
+    seed: int = 0
+    with_keys: bool = False  # keep the key and shard columns (tests, debugging)
+
+    @classmethod
+    def from_config(cls, cfg, *, train: bool, num_classes: int, with_keys: bool = False):
+        return cls(
+            image_size=cfg.image_size,
+            train=train,
+            num_classes=num_classes,
+            mean=tuple(float(m) for m in cfg.mean),
+            std=tuple(float(s) for s in cfg.std),
+            scale=(cfg.scale_min, 1.0),
+            hflip=cfg.hflip,
+            eval_crop_pct=cfg.eval_crop_pct,
+            randaugment=cfg.randaugment,
+            seed=cfg.seed,
+            with_keys=with_keys,
+        )
+
+
+Box = tuple[float, float, float, float]
+
+
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], rng
+) -> Box:
+    """torchvision's RandomResizedCrop.get_params, drawn from a numpy Generator."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return (left, top, left + w, top + h)
+    # Fallback: the whole image's centre at the nearest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    left, top = (width - w) // 2, (height - h) // 2
+    return (left, top, left + w, top + h)
+
+
+def center_crop_box(width: int, height: int, crop_pct: float) -> Box:
+    """Resize shorter side to S / crop_pct, centre crop S: the same region, in source pixels."""
+    side = min(width, height) * crop_pct
+    left = (width - side) / 2
+    top = (height - side) / 2
+    return (left, top, left + side, top + side)
+
+
+@functools.lru_cache(maxsize=8)
+def _randaugment(config: str, mean: tuple[float, ...], image_size: int):
+    from timm.data.auto_augment import rand_augment_transform
+
+    hparams = {
+        "translate_const": int(image_size * 0.45),
+        "img_mean": tuple(int(round(255 * m)) for m in mean),
+    }
+    return rand_augment_transform(config, hparams)
+
+
+def decode_crop(data: bytes, spec: TransformSpec, rng) -> np.ndarray:
+    """Decode one encoded image and return its crop as uint8 [S, S, 3]."""
+    size = spec.image_size
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    if spec.train:
+        box = random_resized_crop_box(width, height, spec.scale, spec.ratio, rng)
+    else:
+        box = center_crop_box(width, height, spec.eval_crop_pct)
+    if img.format == "JPEG":
+        crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+        # Ask for the smallest decode in which the crop still spans `size` pixels.
+        wanted = (
+            max(1, math.ceil(width * size / max(crop_w, 1e-6))),
+            max(1, math.ceil(height * size / max(crop_h, 1e-6))),
+        )
+        img.draft("RGB", wanted)
+        if img.size != (width, height):
+            fx, fy = img.size[0] / width, img.size[1] / height
+            box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    out = img.resize((size, size), Image.BILINEAR, box=box)
+    if spec.train and spec.randaugment:
+        out = _randaugment(spec.randaugment, spec.mean, size)(out)
+    array = np.asarray(out)
+    if array.shape != (size, size, 3):
+        raise ValueError(f"decoded to shape {array.shape}")
+    return array
+
+
+def normalize(images: np.ndarray, mean, std) -> np.ndarray:
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W], (x / 255 - mean) / std, in one pass."""
+    batch, height, width, _ = images.shape
+    out = np.empty((batch, 3, height, width), dtype=np.float32)
+    np.copyto(out, images.transpose(0, 3, 1, 2), casting="unsafe")
+    out -= (np.asarray(mean, dtype=np.float32) * 255).reshape(1, 3, 1, 1)
+    out *= (1.0 / (np.asarray(std, dtype=np.float32) * 255)).reshape(1, 3, 1, 1)
+    return out
+
+
+def _batch_rng(spec: TransformSpec, keys: np.ndarray, epoch: int):
+    # Augmentation depends on the seed, the epoch and the batch's first key: reproducible,
+    # different every epoch, independent of which worker decodes the batch.
+    first = str(keys[0]) if len(keys) else ""
+    entropy = [spec.seed, epoch, zlib.crc32(first.encode()), len(keys)]
+    if spec.randaugment:
+        random.seed(hash(tuple(entropy)))  # timm's RandAugment draws from `random`
+    return np.random.default_rng(entropy)
+
+
+def decode_batch(batch: dict[str, np.ndarray], spec: TransformSpec) -> dict[str, np.ndarray]:
+    """Ray Data map_batches function: raw shard rows in, model-ready rows out.
+
+    In: key, shard (str), data (bytes), label (int64, -1 if none), error (str, "" if none),
+    epoch (int64). Out: image float32 [B,3,S,S] normalised, label int64, valid bool (and
+    key, shard when spec.with_keys)."""
+    keys = batch["key"]
+    count = len(keys)
+    size = spec.image_size
+    epoch = int(batch["epoch"][0]) if count else 0
+    rng = _batch_rng(spec, keys, epoch)
+    pixels = np.zeros((count, size, size, 3), dtype=np.uint8)
+    labels = np.asarray(batch["label"], dtype=np.int64).copy()
+    valid = np.ones(count, dtype=bool)
+    errors = batch["error"]
+    for i in range(count):
+        if errors[i]:
+            valid[i] = False  # the reader has logged it
+            continue
+        reason = None
+        if not 0 <= labels[i] < spec.num_classes:
+            reason = f"label {labels[i]} outside 0..{spec.num_classes - 1}"
+        else:
+            try:
+                pixels[i] = decode_crop(batch["data"][i], spec, rng)
+            except Exception as err:  # any undecodable payload is skipped, not fatal
+                reason = f"not a decodable image ({type(err).__name__}: {err})"
+        if reason:
+            valid[i] = False
+            logger.warning("skipping sample %s in shard %s: %s", keys[i], batch["shard"][i], reason)
+    if spec.train and spec.hflip > 0:
+        flip = rng.random(count) < spec.hflip
+        pixels[flip] = pixels[flip, :, ::-1]
+    labels[~valid] = 0
+    images = normalize(pixels, spec.mean, spec.std)
+    images[~valid] = 0.0
+    out = {"image": images, "label": labels, "valid": valid}
+    if spec.with_keys:
+        out["key"] = keys
+        out["shard"] = batch["shard"]
+    return out
