@@ -56,8 +56,13 @@ def _fill_bad_rows(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     image, label = batch["image"], batch["label"]
     bad = np.flatnonzero(~valid)
     good = np.flatnonzero(valid)
+    if not image.flags.writeable:
+        # Arrow-backed batches are read-only views of the object store; the loop may write
+        # into its tensors (timm's Mixup mixes in place).
+        image = image.copy()
+    if not label.flags.writeable:
+        label = label.copy()
     if len(bad) and len(good):
-        image, label = np.array(image), np.array(label)  # Arrow-backed arrays are read-only
         donors = good[np.arange(len(bad)) % len(good)]
         image[bad] = image[donors]
         label[bad] = label[donors]
