@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size.add_argument("--shard-samples", type=int, help="samples per shard instead of a byte size")
     parser.add_argument(
         "--val-fraction", type=float, default=None,
-        help="fraction of each class for validation (default: the source's own split, else 0.1)",
+        help="fraction of each class for validation (default: the source's own split, else 0.1; digits 0.2)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffle")
     parser.add_argument("--no-shuffle", action="store_true", help="keep source order within each split")

@@ -40,7 +40,6 @@ from vit_core.data.shards import SHARD_PATTERN, ShardWriter, shard_name
 from vit_core.data.sources import Source, SourceSample, open_source
 
 DEFAULT_SHARD_BYTES = 256 << 20
-DEFAULT_VAL_FRACTION = 0.1
 # Below this many samples a conversion is quicker in-process than starting Ray workers.
 RAY_MIN_SAMPLES = 5000
 _TAR_OVERHEAD = 3 * 512 + 768  # per sample: three member headers and their padding
@@ -129,7 +128,7 @@ def split_samples(
         for sample in source.samples:
             splits.setdefault(sample.split or "train", []).append(sample)
         return {name: splits[name] for name in sorted(splits, key=_split_rank)}
-    fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
+    fraction = source.default_val_fraction if val_fraction is None else val_fraction
     if not 0.0 <= fraction < 1.0:
         raise DatasetError(f"val_fraction must be in [0, 1), got {fraction}")
     rng = np.random.default_rng([seed, 1])
@@ -275,7 +274,7 @@ def make_shards(
     """Convert a source (see sources.open_source, or a Source) into shards at `out`.
 
     shard_samples or shard_bytes (default 256 MiB, estimated) set the shard size;
-    val_fraction None keeps the source's own split (CIFAR) or takes 10%; max_side and
+    val_fraction None keeps the source's own split (CIFAR) or takes 10% (digits: 20%); max_side and
     jpeg_quality re-encode every image as JPEG. Raises DatasetError/StorageError for bad
     input; unreadable images are skipped, counted in the index and reported.
     """

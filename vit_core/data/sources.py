@@ -51,6 +51,7 @@ class Source:
     description: str  # recorded in the index
     class_names: list[str]
     samples: list[SourceSample]
+    default_val_fraction: float = 0.1  # when neither the caller nor the source splits
 
     @property
     def has_own_split(self) -> bool:
@@ -80,7 +81,13 @@ def digits_source(size: int = 32) -> Source:
     for i, (image, label) in enumerate(zip(pixels, digits.target, strict=True)):
         big = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
         samples.append(SourceSample(i, int(label), pixels=big))
-    return Source(f"sklearn digits (8x8 upscaled to {size}x{size})", [str(d) for d in range(10)], samples)
+    # 20% for validation, as the embedded demo's make_digits_shards.
+    return Source(
+        f"sklearn digits (8x8 upscaled to {size}x{size})",
+        [str(d) for d in range(10)],
+        samples,
+        default_val_fraction=0.2,
+    )
 
 
 def image_folder_source(root: str) -> Source:
