@@ -283,6 +283,8 @@ class RayCluster:
     dashboard_port: int = 0
     env_extra: dict[str, str] = field(default_factory=dict)
     pgids: list[int] = field(default_factory=list)
+    # Every node and client presents this token (Ray's token authentication).
+    auth_token: str = field(default_factory=lambda: secrets.token_hex(32))
 
     @property
     def address(self) -> str:
@@ -296,6 +298,8 @@ class RayCluster:
         return {
             "RAY_ADDRESS": self.address,
             "RAY_API_SERVER_ADDRESS": self.dashboard_url,
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.auth_token,
             # Drivers on this host resolve "localhost" to 127.0.0.1, as the nodes do.
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         }
@@ -311,7 +315,11 @@ class RayCluster:
             "--num-gpus=0", "--object-store-memory=300000000", "--disable-usage-stats",
             *args,
         ]  # fmt: skip
-        env = {**self.env_extra, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        env = {
+            **self.env_extra,
+            **self.env(),
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        }
         env.pop("RAY_ADDRESS", None)
         proc = launch(cmd, log, env)
         self.pgids.append(proc.pid)
@@ -355,8 +363,11 @@ class RayCluster:
             raise
 
     def alive_nodes(self) -> int:
-        url = f"{self.dashboard_url}/nodes?view=summary"
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        request = urllib.request.Request(
+            f"{self.dashboard_url}/nodes?view=summary",
+            headers={"Authorization": f"Bearer {self.auth_token}"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as resp:
             summary = json.load(resp)["data"]["summary"]
         return sum(1 for node in summary if node["raylet"]["state"] == "ALIVE")
 
@@ -456,6 +467,7 @@ class LocalStack:
         stack.ray = RayCluster(
             root, workers=state["ray"]["workers"], port=state["ray"]["port"],
             dashboard_port=state["ray"]["dashboard_port"], pgids=state["ray"]["pgids"],
+            auth_token=env["RAY_AUTH_TOKEN"],
         )  # fmt: skip
         return stack
 

@@ -12,7 +12,11 @@ from vit_core.data import DataConfig
 class ModelSection:
     name: str = "vit_ti16"  # a vit_core.create_model name
     img_size: int = 224
-    patch_size: int | None = None  # None: the name's patch size
+    # None keeps the named variant's value; set them for a custom small model.
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
     pool: Literal["token", "avg"] = "token"
     head: Literal["pretrain", "linear"] = "pretrain"
     drop_rate: float = 0.0

@@ -59,8 +59,9 @@ def build_model(cfg: PretrainConfig, num_classes: int) -> nn.Module:
         "drop_path_rate": m.drop_path_rate,
         "grad_checkpointing": m.grad_checkpointing,
     }
-    if m.patch_size:
-        overrides["patch_size"] = m.patch_size
+    for name in ("patch_size", "embed_dim", "depth", "num_heads"):
+        if getattr(m, name) is not None:
+            overrides[name] = getattr(m, name)
     return vit_core.create_model(m.name, checkpoint=m.init_from, **overrides)
 
 

@@ -1,0 +1,79 @@
+"""What every job script shares: config arguments, Ray start-up, and turning the
+errors a user can cause into one line instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from vit_core import storage
+from vit_core.config import (
+    ConfigError,
+    add_config_arguments,
+    config_from_args,
+    dump_yaml,
+)
+
+PRESETS_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
+# The embedded default's dataset is made from scikit-learn's digits when missing.
+EMBEDDED_DIGITS = "data/digits/v1"
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from vit_core.data import DatasetError
+    from vit_core.model import CheckpointError
+
+    return (ConfigError, DatasetError, storage.StorageError, CheckpointError)
+
+
+def ensure_embedded_dataset(location: str, image_size: int) -> None:
+    if location != EMBEDDED_DIGITS or storage.exists(storage.join(location, "index.json")):
+        return
+    from vit_core.data import make_digits_shards
+
+    print(f"creating the embedded digits dataset in {location} ...", flush=True)
+    make_digits_shards(location, image_size=image_size)
+
+
+def init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    # RAY_ADDRESS (set by `ray job submit` or by the user) selects a cluster; without it
+    # Ray starts on this machine. The job's own code travels with the working dir.
+    ray.init(log_to_driver=True, logging_level="WARNING")
+    if not os.environ.get("RAY_ADDRESS"):
+        print("no RAY_ADDRESS: started a local Ray", flush=True)
+
+
+def run_cli(
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    config_class: type,
+    run: Callable,
+    default_preset: str,
+) -> int:
+    """Parse the config, prepare the embedded default if chosen, start Ray, run the job."""
+    add_config_arguments(parser, default_preset)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(config_class, args, PRESETS_DIR)
+        if args.print_config:
+            print(dump_yaml(cfg), end="")
+            return 0
+        ensure_embedded_dataset(cfg.data.location, cfg.data.image_size)
+        init_ray()
+        outcome = run(cfg)
+    except user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"done: step {outcome.final_step}, MLflow run {outcome.mlflow_run_id}, "
+        f"checkpoint {outcome.checkpoint_uri}"
+        + (f", registered version {outcome.registered_version}" if outcome.registered_version else "")
+    )
+    return 0
