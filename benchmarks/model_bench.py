@@ -196,7 +196,7 @@ def main() -> None:
                 flops = flops_img * (3 if train else 1) * ips["vit_core"]
                 mfu = f"{100 * flops / (peak * 1e12):5.1f}%" if peak else "   n/a"
                 print(
-                    f"{short:6} {mode:5} {comp:7} {ips['vit_core']:14.1f} {ips['timm']:11.1f} "
+                    f"{short:6} {mode:5} {comp:7} {ips['vit_core']:14.2f} {ips['timm']:11.2f} "
                     f"{ips['vit_core'] / ips['timm']:6.3f} {flops_img / 1e9:9.2f} "
                     f"{flops / 1e12:8.3f} {mfu}",
                     flush=True,

@@ -12,7 +12,7 @@ checkpoints.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -299,8 +299,8 @@ class VisionTransformer(nn.Module):
             config = ViTConfig(**kwargs)
         elif kwargs:
             raise TypeError("pass either a ViTConfig or keyword arguments, not both")
-        self.config = config
-        c = config
+        # a private copy: reset_head and set_grad_checkpointing update it
+        self.config = c = replace(config)
         self.num_prefix_tokens = 1 if c.class_token else 0
         self.grid_size = c.grid_size  # the grid pos_embed was built for
         self.grad_checkpointing = c.grad_checkpointing
