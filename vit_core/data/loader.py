@@ -52,7 +52,7 @@ def clean_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 
 
 def _fill_bad_rows(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    valid = np.asarray(batch["valid"], dtype=bool)
+    valid = np.array(batch["valid"], dtype=bool)  # a small copy, writable
     image, label = batch["image"], batch["label"]
     bad = np.flatnonzero(~valid)
     good = np.flatnonzero(valid)

@@ -189,11 +189,11 @@ def build_dataset(
     is epoch_seed when given (for a loop that builds a new dataset each epoch).
     Raises DatasetError (missing location, index that does not match) before reading.
     """
-    import ray.data
-
     index = index or open_dataset(cfg.location)
     if not index.shards(split):
         raise DatasetError(f"dataset {index.location} has no shards for split {split!r}")
+    import ray.data  # only now: a bad dataset fails without touching Ray
+
     spec = TransformSpec.from_config(
         cfg, train=train, num_classes=index.num_classes, with_keys=with_keys
     )

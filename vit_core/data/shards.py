@@ -156,16 +156,22 @@ def _to_sample(key: str, parts: dict[str, bytes]) -> RawSample:
 
 def iter_samples(read: Callable[[int], bytes]) -> Iterator[RawSample]:
     """Samples of a shard stream in stored order; raises ShardCorruptError where it breaks
-    (the sample being assembled at that point is lost with the rest)."""
+    (after the sample being assembled there, if it is already whole)."""
     key: str | None = None
     parts: dict[str, bytes] = {}
-    for name, content in iter_members(read):
-        member_key, ext = split_name(name)
-        if member_key != key:
-            if key is not None:
-                yield _to_sample(key, parts)
-            key, parts = member_key, {}
-        parts[ext] = content
+    try:
+        for name, content in iter_members(read):
+            member_key, ext = split_name(name)
+            if member_key != key:
+                if key is not None:
+                    yield _to_sample(key, parts)
+                key, parts = member_key, {}
+            parts[ext] = content
+    except ShardCorruptError:
+        # The sample in progress is kept if it already has its image and label.
+        if key is not None and _to_sample(key, parts).error is None:
+            yield _to_sample(key, parts)
+        raise
     if key is not None:
         yield _to_sample(key, parts)
 
