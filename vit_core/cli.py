@@ -40,14 +40,23 @@ def ensure_embedded_dataset(location: str, image_size: int) -> None:
 
 def init_ray() -> None:
     import ray
+    import ray.data
 
     if ray.is_initialized():
         return
-    # RAY_ADDRESS (set by `ray job submit` or by the user) selects a cluster; without it
-    # Ray starts on this machine. The job's own code travels with the working dir.
-    ray.init(log_to_driver=True, logging_level="WARNING")
-    if not os.environ.get("RAY_ADDRESS"):
-        print("no RAY_ADDRESS: started a local Ray", flush=True)
+    # The trainers print their own progress (step, loss, images/s); Ray Data's per-operator
+    # bars, repeated for every worker, would drown it. Ray Train hands this context on.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    if os.environ.get("RAY_ADDRESS"):
+        # A cluster: set by `ray job submit`, or by the user. The job's code travels with
+        # the working dir.
+        ray.init(logging_level="WARNING")
+        return
+    # No cluster: start one here. Logical CPUs are doubled so the data pipeline still
+    # gets CPUs while every core also runs a training worker (they share cores).
+    cpus = 2 * (os.cpu_count() or 1)
+    ray.init(address="local", num_cpus=cpus, logging_level="WARNING")
+    print(f"no RAY_ADDRESS: started a local Ray with {cpus} logical CPUs", flush=True)
 
 
 def run_cli(
@@ -74,6 +83,10 @@ def run_cli(
     print(
         f"done: step {outcome.final_step}, MLflow run {outcome.mlflow_run_id}, "
         f"checkpoint {outcome.checkpoint_uri}"
-        + (f", registered version {outcome.registered_version}" if outcome.registered_version else "")
+        + (
+            f", registered version {outcome.registered_version}"
+            if outcome.registered_version
+            else ""
+        )
     )
     return 0

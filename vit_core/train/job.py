@@ -173,7 +173,9 @@ def log_pictures(
             predicted = model(images).argmax(-1)
             np.add.at(matrix, (labels.numpy(), predicted.numpy()), 1)
             if len(samples) < 6:
-                samples += list(zip(images[:6], labels.tolist(), predicted.tolist(), strict=True))
+                samples += list(
+                    zip(images[:6], labels[:6].tolist(), predicted[:6].tolist(), strict=True)
+                )
     client.log_image(
         run_id,
         _image(plots.confusion_matrix_png(matrix, index.class_names, "validation")),
