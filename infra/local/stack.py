@@ -319,6 +319,8 @@ class RayCluster:
             **self.env_extra,
             **self.env(),
             "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+            # `python` in a submitted job's entrypoint is this environment's interpreter.
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         }
         env.pop("RAY_ADDRESS", None)
         proc = launch(cmd, log, env)

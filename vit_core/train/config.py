@@ -63,6 +63,8 @@ class ScalingSection:
     use_gpu: bool = False
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: FSDP for L and H, else DDP
     cpus_per_worker: float = 1.0
+    # PACK fills nodes in turn; SPREAD/STRICT_SPREAD put workers on different nodes.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 3
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -202,11 +203,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"resumed at step {progress.step}/{total_steps} (data epoch {progress.epoch})")
 
+    node_ids = [ray.get_runtime_context().get_node_id()] * world
+    if dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(node_ids, node_ids[0])
     logger = None
     if rank == 0 and config.get("mlflow_run_id"):
         from vit_core.track.runs import MetricLogger
 
         logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"])
+        # A tag, not a param: a restarted worker group may land on other nodes.
+        logger.client.set_tag(logger.run_id, "cluster.worker_nodes", ",".join(node_ids))
     mix = mixup_fn(cfg.data, num_classes)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
