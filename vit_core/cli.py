@@ -4,7 +4,6 @@ errors a user can cause into one line instead of a traceback."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,27 +37,6 @@ def ensure_embedded_dataset(location: str, image_size: int) -> None:
     make_digits_shards(location, image_size=image_size)
 
 
-def init_ray() -> None:
-    import ray
-    import ray.data
-
-    if ray.is_initialized():
-        return
-    # The trainers print their own progress (step, loss, images/s); Ray Data's per-operator
-    # bars, repeated for every worker, would drown it. Ray Train hands this context on.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    if os.environ.get("RAY_ADDRESS"):
-        # A cluster: set by `ray job submit`, or by the user. The job's code travels with
-        # the working dir.
-        ray.init(logging_level="WARNING")
-        return
-    # No cluster: start one here. Logical CPUs are doubled so the data pipeline still
-    # gets CPUs while every core also runs a training worker (they share cores).
-    cpus = 2 * (os.cpu_count() or 1)
-    ray.init(address="local", num_cpus=cpus, logging_level="WARNING")
-    print(f"no RAY_ADDRESS: started a local Ray with {cpus} logical CPUs", flush=True)
-
-
 def run_cli(
     parser: argparse.ArgumentParser,
     argv: list[str] | None,
@@ -66,7 +44,7 @@ def run_cli(
     run: Callable,
     default_preset: str,
 ) -> int:
-    """Parse the config, prepare the embedded default if chosen, start Ray, run the job."""
+    """Parse the config, prepare the embedded default if chosen, run the job."""
     add_config_arguments(parser, default_preset)
     args = parser.parse_args(argv)
     try:
@@ -75,7 +53,6 @@ def run_cli(
             print(dump_yaml(cfg), end="")
             return 0
         ensure_embedded_dataset(cfg.data.location, cfg.data.image_size)
-        init_ray()
         outcome = run(cfg)
     except user_errors() as err:
         print(f"error: {err}", file=sys.stderr)

@@ -15,7 +15,7 @@ import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
-from vit_core import storage
+from vit_core import cluster, storage
 from vit_core.config import to_dict
 from vit_core.data import DatasetIndex, build_dataset, iter_train_batches, open_dataset
 from vit_core.model import create_model
@@ -51,6 +51,7 @@ def run_location(cfg: PretrainConfig) -> str:
 def run_pretraining(cfg: PretrainConfig) -> TrainingOutcome:
     # Inputs are checked before any worker starts: a bad dataset fails here, clearly.
     index = open_dataset(cfg.data.location)
+    cluster.connect()
     uri = tracking_uri()
     client = set_tracking(uri)
     run_id, resumed = start_or_resume_run(client, cfg.tracking.experiment, cfg.run_name)
