@@ -3,6 +3,7 @@ checks before training, and Ray Data / Ray Train delivering every sample exactly
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -91,8 +92,9 @@ def test_train_transform_crops_flips_normalises():
     half = np.zeros((64, 64, 3), np.uint8)
     half[:, 32:] = 255  # black | white
     spec = TransformSpec(
-        image_size=16, train=True, num_classes=3, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0
-    )
+        image_size=16, train=True, num_classes=3, scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=1.0,
+        normalize=True,
+    )  # fmt: skip
     batch = {
         "key": np.array(["a"], object), "shard": np.array(["s.tar"], object),
         "data": np.array([png(half)], object), "label": np.array([2]),
@@ -103,6 +105,8 @@ def test_train_transform_crops_flips_normalises():
     assert image.shape == (3, 16, 16) and image.dtype == np.float32
     assert np.allclose(image[:, :, :6], 1.0) and np.allclose(image[:, :, 10:], -1.0)  # flipped
     assert out["valid"].tolist() == [True] and out["label"].tolist() == [2]
+    raw = decode_batch(batch, dataclasses.replace(spec, normalize=False))["image"][0]
+    assert raw.dtype == np.uint8 and np.all(raw[:, :, :6] == 255) and np.all(raw[:, :, 10:] == 0)
     # Random resized crops differ with the epoch and repeat with it.
     spec = TransformSpec(image_size=16, train=True, num_classes=3, scale=(0.1, 0.5))
     grad = np.tile(np.arange(64, dtype=np.uint8)[None, :, None] * 4, (64, 1, 3))
@@ -310,6 +314,7 @@ def test_local_path_mode_gives_back_exactly_what_was_written(ray_client, tmp_pat
     index = make_digits_shards(str(out), shard_samples=150, progress=False)
     cfg = DataConfig(location=str(out), image_size=32, eval_crop_pct=1.0)
     ds = build_dataset(cfg, "val", train=False, with_keys=True)
+    ds.context.execution_options.preserve_order = True
     images, keys, labels = [], [], []
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         images.append(batch["image"])
@@ -320,9 +325,23 @@ def test_local_path_mode_gives_back_exactly_what_was_written(ray_client, tmp_pat
     assert labels == [int(target[int(k)]) for k in keys]
     # The eval transform at the stored size is the identity: pixels come back exactly.
     source = {s.key: s for s in open_source("digits").samples}
-    pixels = np.rint(np.concatenate(images)[:, 0] * 0.5 * 255 + 0.5 * 255)
-    expected = np.stack([source[k].pixels for k in keys])
-    assert np.array_equal(pixels, expected)
+    pixels = np.concatenate(images)
+    assert pixels.dtype == np.uint8 and pixels.shape == (359, 3, 32, 32)
+    assert np.array_equal(pixels[:, 0], np.stack([source[k].pixels for k in keys]))
+    # The loader normalises uint8 rows with the dataset's mean/std, as rows normalised in
+    # the dataset would be.
+    loaded = torch.cat([im for im, _, _ in iter_train_batches(ds, 100, "cpu", train=False)])
+    assert loaded.dtype == torch.float32
+    assert torch.allclose(loaded, (torch.from_numpy(pixels).float() / 255 - 0.5) / 0.5, atol=1e-6)
+    as_float = dataclasses.replace(cfg, normalize_on="dataset", mean=[0.2, 0.3, 0.4], std=[0.5, 0.6, 0.7])
+    float_ds = build_dataset(as_float, "val", train=False)
+    float_ds.context.execution_options.preserve_order = True
+    rows = np.concatenate([b["image"] for b in float_ds.iter_batches(batch_size=None)])
+    assert rows.dtype == np.float32
+    mean, std = np.array([0.2, 0.3, 0.4]).reshape(1, 3, 1, 1), np.array([0.5, 0.6, 0.7]).reshape(1, 3, 1, 1)
+    assert np.allclose(rows, (pixels / 255 - mean) / std, atol=1e-5)
+    again = torch.cat([im for im, _, _ in iter_train_batches(float_ds, 100, "cpu", train=False)])
+    assert torch.allclose(again, torch.from_numpy(rows))
 
 
 def test_shard_order_is_reshuffled_every_epoch(ray_client, tmp_path):

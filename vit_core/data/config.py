@@ -36,6 +36,10 @@ class DataConfig:
     mixup: float = 0.0  # Mixup alpha (0: off); applied on the batch by mixup_fn
     cutmix: float = 0.0  # CutMix alpha (0: off)
     label_smoothing: float = 0.0
+    # Where images become float32 normalised: "loader" (iter_train_batches, on the train
+    # worker's device, from uint8 rows: 4x less data through Ray) or "dataset" (rows are
+    # already float32, for code that calls iter_torch_batches itself).
+    normalize_on: Literal["loader", "dataset"] = "loader"
     train_split: str = "train"
     val_split: str = "val"
     # What open_dataset checks before training: "size" (every shard present with the

@@ -1,5 +1,8 @@
 """The train loop's side: torch batches from a dataset shard, and counting bad samples.
 
+Rows arrive as uint8 and are normalised here, a whole batch at once on the target device
+(mean/std travel with the dataset), so Ray moves a quarter of the bytes.
+
 Every batch keeps its rows, bad ones included, so every DDP worker takes the same number
 of steps; `valid` says which rows count. Bad rows arrive holding a copy of a good row of
 the same batch (image and label), so batch-level Mixup/CutMix never blends in a blank
@@ -86,7 +89,9 @@ def _collate_class():
 def loader_settings(shard) -> dict[str, Any]:
     """The settings build_dataset stored with the dataset (shuffle buffer, seed)."""
     try:
-        return dict(shard.get_context().get_config(LOADER_CONFIG_KEY) or {})
+        # A Dataset holds its context; an iterator (a Train worker's shard) asks for it.
+        context = shard.context if hasattr(shard, "context") else shard.get_context()
+        return dict(context.get_config(LOADER_CONFIG_KEY) or {})
     except Exception:  # a dataset not made by build_dataset
         return {}
 
@@ -104,14 +109,15 @@ def iter_train_batches(
     drop_last: bool | None = None,
     prefetch_batches: int = 2,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(images float32 [B,3,S,S], labels int64 [B], valid bool [B]) on `device`, for one pass.
+    """(images float32 [B,3,S,S] normalised, labels int64 [B], valid bool [B]) on `device`,
+    for one pass over the shard.
 
     `shard`: ray.train.get_dataset_shard(name), or a Dataset/DataIterator from build_dataset.
     train=True shuffles rows through a local buffer of the dataset's cfg.shuffle_buffer rows
     (seeded from cfg.seed and `epoch` when epoch is given) and drops the last short batch,
     so every batch has batch_size rows. `counter`, if given, counts the bad rows.
     """
-    settings = loader_settings(shard) if shuffle_buffer is None or seed is None else {}
+    settings = loader_settings(shard)
     if shuffle_buffer is None:
         shuffle_buffer = int(settings.get("shuffle_buffer", 0)) if train else 0
     if seed is None:
@@ -131,7 +137,24 @@ def iter_train_batches(
         local_shuffle_seed=shuffle_seed if buffer else None,
         prefetch_batches=prefetch_batches,
     )
+    scale: tuple[torch.Tensor, torch.Tensor] | None = None
     for batch in batches:
+        images = batch["image"]
+        if images.dtype == torch.uint8:
+            if scale is None:
+                scale = _scale(settings or loader_settings(shard), images.device)
+            # On the device, as a whole batch: free on a GPU, one pass on a CPU.
+            images = images.float().sub_(scale[0]).mul_(scale[1])
         if counter is not None:
             counter.add(batch["valid"])
-        yield batch["image"], batch["label"], batch["valid"]
+        yield images, batch["label"], batch["valid"]
+
+
+def _scale(settings: dict[str, Any], device) -> tuple[torch.Tensor, torch.Tensor]:
+    if "mean" not in settings or "std" not in settings:
+        raise ValueError(
+            "uint8 images without mean/std: iterate a dataset made by build_dataset"
+        )
+    mean = torch.tensor(settings["mean"], dtype=torch.float32, device=device) * 255
+    std = torch.tensor(settings["std"], dtype=torch.float32, device=device) * 255
+    return mean.view(1, 3, 1, 1), (1.0 / std).view(1, 3, 1, 1)

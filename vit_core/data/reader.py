@@ -182,9 +182,10 @@ def build_dataset(
 ):
     """A Ray Dataset of model-ready rows for one split of the dataset at cfg.location.
 
-    Rows: image float32 [3, S, S] normalised with cfg.mean/std, label int64, valid bool
-    (False: a bad sample, to be dropped or masked; see vit_core.data.loader), plus key and
-    shard when with_keys. train=True: random resized crop, flip, RandAugment, and a shard
+    Rows: image uint8 [3, S, S] (iter_train_batches normalises it with cfg.mean/std on the
+    worker's device), or float32 [3, S, S] already normalised when cfg.normalize_on is
+    "dataset"; label int64; valid bool (False: a bad sample, to be dropped or masked; see
+    vit_core.data.loader); plus key and shard when with_keys. train=True: random resized crop, flip, RandAugment, and a shard
     order drawn from (cfg.seed, epoch) where epoch counts the passes over this dataset, or
     is epoch_seed when given (for a loop that builds a new dataset each epoch).
     Raises DatasetError (missing location, index that does not match) before reading.
@@ -204,7 +205,10 @@ def build_dataset(
         fixed_epoch=epoch_seed,
         rows_per_block=rows_per_block(cfg.image_size),
     )
-    ds = ray.data.read_datasource(source)
+    # One block stream per shard, never split: splitting the read output (Ray aims at 200
+    # blocks by default) would stop the decode from fusing into the read task and turn
+    # every few rows into a task of their own.
+    ds = ray.data.read_datasource(source, override_num_blocks=len(index.shards(split)))
     ds = ds.map_batches(
         decode_batch,
         fn_kwargs={"spec": spec},
@@ -214,6 +218,12 @@ def build_dataset(
     )
     ds.context.set_config(
         LOADER_CONFIG_KEY,
-        {"shuffle_buffer": cfg.shuffle_buffer if train else 0, "seed": cfg.seed, "train": train},
+        {
+            "shuffle_buffer": cfg.shuffle_buffer if train else 0,
+            "seed": cfg.seed,
+            "train": train,
+            "mean": [float(m) for m in cfg.mean],
+            "std": [float(s) for s in cfg.std],
+        },
     )
     return ds

@@ -1,0 +1,237 @@
+"""Ingest throughput of the data path, on the same shards, in the same process:
+
+  (a) ceiling:  one process decoding + random-resized-cropping the JPEGs in a loop (per core)
+  (b) baseline: webdataset + torch DataLoader (standard torchvision transforms:
+                RandomResizedCrop, flip, ToTensor, Normalize), N workers, shards read from
+                SeaweedFS through pre-signed URLs
+  (c) this project: build_dataset + iter_train_batches (Ray Data, N CPUs), shards read
+                from SeaweedFS
+
+Images are generated: smooth synthetic photos with texture, about 400x350 and 110 KB as
+JPEG (ImageNet-like; noise would not compress like a photo), 10 classes, trained at 224 px.
+SeaweedFS is started here (infra.local.stack.SeaweedFS) and stopped at the end.
+
+    python benchmarks/data_bench.py                       # 2000 images, N = CPU count
+    python benchmarks/data_bench.py --images 4000 --workers 4 --rounds 3
+
+Reports images/s (the best of --rounds passes, each after a warm-up pass), (c)/(b), and
+(c) per worker against (a). Goals: (c)/(b) >= 1.0 and (c) per core >= 70% of (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import secrets
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+
+from infra.local.stack import SeaweedFS  # noqa: E402
+from vit_core import storage  # noqa: E402
+from vit_core.data import (  # noqa: E402
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataConfig,
+    build_dataset,
+    iter_train_batches,
+    make_shards,
+    open_dataset,
+)
+from vit_core.data.index import open_stream  # noqa: E402
+from vit_core.data.shards import iter_samples  # noqa: E402
+from vit_core.data.transforms import TransformSpec, decode_crop  # noqa: E402
+
+CLASSES = 10
+
+
+def synthetic_photo(seed: int) -> bytes:
+    """A smooth image with band-limited texture, ~400x350, ~110 KB at JPEG quality 93."""
+    rng = np.random.default_rng(seed)
+    w, h = int(rng.integers(370, 431)), int(rng.integers(320, 381))
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for c in range(3):
+        for _ in range(4):
+            fx, fy = rng.uniform(0.002, 0.03, 2)
+            img[..., c] += rng.uniform(20, 60) * np.sin(6.28 * (x * fx + y * fy) + rng.uniform(0, 6.28))
+    img += rng.uniform(60, 190, 3)
+    coarse = np.clip(rng.normal(0, 1, (h // 2, w // 2, 3)) * 40 + 128, 0, 255).astype(np.uint8)
+    texture = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32) - 128
+    img += texture * rng.uniform(1.0, 1.5) + rng.normal(0, 9, img.shape)
+    out = io.BytesIO()
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(out, "JPEG", quality=93)
+    return out.getvalue()
+
+
+def make_folder(root: Path, count: int) -> Path:
+    folder = root / f"photos-{count}"
+    done = folder / ".complete"
+    if done.exists():
+        return folder
+    for i in range(count):
+        path = folder / f"class_{i % CLASSES:02d}" / f"{i:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(synthetic_photo(i))
+    done.touch()
+    return folder
+
+
+def ceiling(payloads: list[bytes], size: int) -> float:
+    """(a): images/s of decode + random resized crop in one process (one core)."""
+    spec = TransformSpec(image_size=size, train=True, num_classes=CLASSES, scale=(0.08, 1.0))
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    for data in payloads:
+        decode_crop(data, spec, rng)
+    return len(payloads) / (time.perf_counter() - start)
+
+
+def baseline_loader(urls: list[str], size: int, workers: int, batch: int):
+    import torch
+    import torchvision.transforms as T
+    import webdataset as wds
+
+    transform = T.Compose(
+        [
+            T.RandomResizedCrop(size, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
+    dataset = (
+        wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+        .decode("pil")
+        .to_tuple("jpg", "cls")
+        .map_tuple(transform, int)
+    )
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch, num_workers=workers, persistent_workers=True, prefetch_factor=2
+    )
+
+
+def timed_pass(batches) -> tuple[float, int]:
+    start = time.perf_counter()
+    count = 0
+    for images, *_ in batches:
+        count += len(images)
+    return time.perf_counter() - start, count
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="DataLoader workers = Ray CPUs")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--shard-samples", type=int, default=100)
+    parser.add_argument("--shuffle-buffer", type=int, default=0, help="(c): rows in the local shuffle buffer")
+    parser.add_argument("--rounds", type=int, default=2, help="timed passes per path, after a warm-up")
+    parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "vit-data-bench"))
+    args = parser.parse_args()
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    folder = make_folder(work, args.images)
+    print(f"{args.images} synthetic JPEGs in {folder} ({time.perf_counter() - t0:.0f}s)", flush=True)
+
+    store = SeaweedFS(work / "seaweedfs", "bench" + secrets.token_hex(4), secrets.token_urlsafe(18), buckets=("vit",))
+    store.start()
+    os.environ.update(store.env())
+    try:
+        return run(args, folder, store)
+    finally:
+        import ray
+
+        ray.shutdown()
+        store.stop()
+
+
+def run(args, folder: Path, store: SeaweedFS) -> int:
+    import ray
+
+    location = "s3://vit/bench/photos/v1"
+    make_shards(
+        str(folder), location, shard_samples=args.shard_samples, val_fraction=0.0,
+        overwrite=True, executor="local", progress=False,
+    )  # fmt: skip
+    index = open_dataset(location)
+    shards = index.shards("train")
+    payloads = []
+    for shard in shards:
+        with open_stream(index.shard_location(shard)) as stream:
+            payloads += [s.image for s in iter_samples(stream.read)]
+    sizes = [Image.open(io.BytesIO(p)).size for p in payloads[:200]]
+    print(
+        f"shards: {len(shards)} x {args.shard_samples} samples on SeaweedFS, "
+        f"mean JPEG {np.mean([len(p) for p in payloads]) / 1000:.0f} KB, "
+        f"mean size {np.mean([s[0] for s in sizes]):.0f}x{np.mean([s[1] for s in sizes]):.0f}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs",
+        flush=True,
+    )
+
+    client = storage.s3_client()
+    urls = []
+    for shard in shards:
+        loc = storage.S3Location.parse(index.shard_location(shard))
+        url = client.generate_presigned_url("get_object", Params={"Bucket": loc.bucket, "Key": loc.key}, ExpiresIn=3600)
+        urls.append(f"pipe:curl -s -f {shlex.quote(url)}")
+
+    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    cfg = DataConfig(
+        location=location, image_size=args.image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        scale_min=0.08, hflip=0.5, shuffle_buffer=args.shuffle_buffer,
+    )  # fmt: skip
+    dataset = build_dataset(cfg, "train", train=True, index=index)
+    loader = baseline_loader(urls, args.image_size, args.workers, args.batch)
+
+    def ray_pass(epoch: int):
+        return iter_train_batches(dataset, args.batch, "cpu", train=True, epoch=epoch, drop_last=False)
+
+    results: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    timed_pass(ray_pass(0))  # warm-up: worker processes, imports, connections
+    timed_pass(loader)
+    ceiling(payloads[:100], args.image_size)
+    for r in range(args.rounds):
+        # Interleaved, so all three see the same machine load.
+        results["a"].append(ceiling(payloads, args.image_size))
+        seconds, n = timed_pass(loader)
+        assert n == len(payloads), (n, len(payloads))
+        results["b"].append(n / seconds)
+        seconds, n = timed_pass(ray_pass(r + 1))
+        assert n == len(payloads), (n, len(payloads))
+        results["c"].append(n / seconds)
+        print(
+            f"round {r + 1}: (a) {results['a'][-1]:.0f}/s per core, (b) {results['b'][-1]:.0f}/s, "
+            f"(c) {results['c'][-1]:.0f}/s",
+            flush=True,
+        )
+    a, b, c = (max(results[k]) for k in "abc")
+    w = args.workers
+    print()
+    print(f"images: {len(payloads)}, {args.image_size} px, batch {args.batch}, {w} workers/CPUs, best of {args.rounds}")
+    print(f"(a) ceiling, decode+crop, 1 process   {a:8.0f} images/s per core")
+    print(f"(b) webdataset + DataLoader ({w} workers) {b:8.0f} images/s")
+    print(f"(c) Ray Data path ({w} CPUs)           {c:8.0f} images/s")
+    print(f"(c)/(b) = {c / b:.2f}   (goal >= 1.0)")
+    print(f"(c) per core / (a) = {c / w / a:.0%}   (goal >= 70%)")
+    print(f"medians: (a) {statistics.median(results['a']):.0f}, (b) {statistics.median(results['b']):.0f}, (c) {statistics.median(results['c']):.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
