@@ -161,7 +161,7 @@ def log_pictures(
     curves = {
         key: metric_history(client, run_id, key) for key in ("train/loss", "train/lr", "val/top1")
     }
-    client.log_image(run_id, _image(plots.curves_png(curves, cfg.run_name)), "plots/curves.png")
+    log_png(client, run_id, plots.curves_png(curves, cfg.run_name), "curves.png")
 
     model = create_model(checkpoint=model_dir).eval()
     n = index.num_classes
@@ -178,10 +178,11 @@ def log_pictures(
                 samples += list(
                     zip(images[:6], labels[:6].tolist(), predicted[:6].tolist(), strict=True)
                 )
-    client.log_image(
+    log_png(
+        client,
         run_id,
-        _image(plots.confusion_matrix_png(matrix, index.class_names, "validation")),
-        "plots/confusion_matrix.png",
+        plots.confusion_matrix_png(matrix, index.class_names, "validation"),
+        "confusion_matrix.png",
     )
     samples = samples[:6]
     if samples:
@@ -195,16 +196,18 @@ def log_pictures(
         captions = [
             f"true {index.class_names[t]} / pred {index.class_names[p]}" for _, t, p in samples
         ]
-        client.log_image(
+        log_png(
+            client,
             run_id,
-            _image(plots.attention_png(np.stack(pixels), cls_attention.numpy(), captions)),
-            "plots/attention.png",
+            plots.attention_png(np.stack(pixels), cls_attention.numpy(), captions),
+            "attention.png",
         )
 
 
-def _image(png: bytes):
-    from io import BytesIO
-
-    from PIL import Image
-
-    return Image.open(BytesIO(png))
+def log_png(client, run_id: str, png: bytes, name: str) -> None:
+    """Log PNG bytes as plots/<name> (through a file with an absolute path: a job's
+    working directory may already be cleaned up when the job ends)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(png)
+        client.log_artifact(run_id, str(path), "plots")
