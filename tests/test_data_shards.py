@@ -255,7 +255,10 @@ def test_index_is_written_last(tmp_path):
     broken = SourceSample(1, 0, pixels=np.zeros((8, 8, 7), np.uint8))  # no such image mode
     source = Source("broken on purpose", ["x"], [good, broken])
     with pytest.raises(TypeError):
-        make_shards(source, out, overwrite=True, val_fraction=0.0, shard_samples=1, progress=False)
+        make_shards(
+            source, out, overwrite=True, val_fraction=0.0, shard_samples=1, executor="local",
+            progress=False,
+        )  # fmt: skip
     # The old index went first, the new one never came: not taken for a finished dataset.
     assert not (Path(out) / "index.json").exists()
     with pytest.raises(DatasetError, match="no index.json at .*not a finished dataset"):

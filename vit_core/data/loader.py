@@ -54,12 +54,20 @@ def clean_batch(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return batch["image"][valid], batch["label"][valid], bad
 
 
-def _fill_bad_rows(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+def _fill_bad_rows(
+    batch: dict[str, np.ndarray], scale: tuple[np.ndarray, np.ndarray] | None = None
+) -> dict[str, torch.Tensor]:
+    """Torch tensors of a numpy batch, bad rows holding a good row's content; uint8 images
+    normalised to float32 when `scale` (mean*255, 1/(std*255)) is given."""
     valid = np.array(batch["valid"], dtype=bool)  # a small copy, writable
     image, label = batch["image"], batch["label"]
     bad = np.flatnonzero(~valid)
     good = np.flatnonzero(valid)
-    if not image.flags.writeable:
+    if scale is not None and image.dtype == np.uint8:
+        image = image.astype(np.float32)  # new and writable
+        image -= scale[0]
+        image *= scale[1]
+    elif not image.flags.writeable:
         # Arrow-backed batches are read-only views of the object store; the loop may write
         # into its tensors (timm's Mixup mixes in place).
         image = image.copy()
@@ -80,10 +88,36 @@ def _collate_class():
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class FillBadRows(NumpyBatchCollateFn):
+        def __init__(self, scale: tuple[np.ndarray, np.ndarray] | None) -> None:
+            self.scale = scale
+
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            return _fill_bad_rows(batch)
+            return _fill_bad_rows(batch, self.scale)
 
     return FillBadRows
+
+
+def _resolve_device(device: torch.device | str | None) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if device == "auto":
+        # As iter_torch_batches does: the Train worker's device, else the CPU.
+        try:
+            from ray.train.torch import get_device
+            from ray.train.utils import _in_ray_train_worker
+
+            return torch.device(get_device()) if _in_ray_train_worker() else torch.device("cpu")
+        except Exception:
+            return torch.device("cpu")
+    return torch.device(device)
+
+
+def _scale(settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    if "mean" not in settings or "std" not in settings:
+        raise ValueError("uint8 images without mean/std: iterate a dataset made by build_dataset")
+    mean = np.asarray(settings["mean"], dtype=np.float32).reshape(1, 3, 1, 1) * 255
+    std = np.asarray(settings["std"], dtype=np.float32).reshape(1, 3, 1, 1) * 255
+    return mean, (1.0 / std).astype(np.float32)
 
 
 def loader_settings(shard) -> dict[str, Any]:
@@ -128,33 +162,32 @@ def iter_train_batches(
     if hasattr(shard, "iterator") and not hasattr(shard, "iter_torch_batches"):
         shard = shard.iterator()
     buffer = max(shuffle_buffer, batch_size) if train and shuffle_buffer > 0 else None
+    target = _resolve_device(device)
+    # uint8 rows are normalised where it is cheapest: in numpy on the loader's thread for a
+    # CPU target (torch's CPU kernels are slower at it), on the GPU after the transfer
+    # otherwise (4x fewer bytes to copy over PCIe).
+    on_host = target.type == "cpu"
+    scale = _scale(settings) if on_host and settings else None
     batches = shard.iter_torch_batches(
         batch_size=batch_size,
-        device=device if device is not None else "cpu",
-        collate_fn=_collate_class()(),
+        device=target,
+        collate_fn=_collate_class()(scale),
         drop_last=train if drop_last is None else drop_last,
         local_shuffle_buffer_size=buffer,
         local_shuffle_seed=shuffle_seed if buffer else None,
         prefetch_batches=prefetch_batches,
     )
-    scale: tuple[torch.Tensor, torch.Tensor] | None = None
+    device_scale: tuple[torch.Tensor, torch.Tensor] | None = None
     for batch in batches:
         images = batch["image"]
         if images.dtype == torch.uint8:
-            if scale is None:
-                scale = _scale(settings or loader_settings(shard), images.device)
-            # On the device, as a whole batch: free on a GPU, one pass on a CPU.
-            images = images.float().sub_(scale[0]).mul_(scale[1])
+            if device_scale is None:
+                mean, inv_std = _scale(settings)
+                device_scale = (
+                    torch.from_numpy(mean).to(images.device),
+                    torch.from_numpy(inv_std).to(images.device),
+                )
+            images = images.float().sub_(device_scale[0]).mul_(device_scale[1])
         if counter is not None:
             counter.add(batch["valid"])
         yield images, batch["label"], batch["valid"]
-
-
-def _scale(settings: dict[str, Any], device) -> tuple[torch.Tensor, torch.Tensor]:
-    if "mean" not in settings or "std" not in settings:
-        raise ValueError(
-            "uint8 images without mean/std: iterate a dataset made by build_dataset"
-        )
-    mean = torch.tensor(settings["mean"], dtype=torch.float32, device=device) * 255
-    std = torch.tensor(settings["std"], dtype=torch.float32, device=device) * 255
-    return mean.view(1, 3, 1, 1), (1.0 / std).view(1, 3, 1, 1)
