@@ -262,7 +262,8 @@ def _read_path(path: Path) -> tuple[dict[str, Any], dict[str, Any], str | None]:
 def _unwrap(sd: Mapping[str, Any]) -> dict[str, Any]:
     """Strip training-checkpoint wrappers: {'model': ...}, 'module.', '_orig_mod.' prefixes."""
     sd = dict(sd)
-    for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module"):
+    # the trained weights first, as timm does; EMA weights only when nothing else is there
+    for key in ("state_dict", "model", "module", "state_dict_ema", "model_ema"):
         if key in sd and isinstance(sd[key], Mapping) and not _has_arrays(sd):
             return _unwrap(sd[key])
     changed = True
