@@ -354,3 +354,22 @@ def test_fsdp2_wraps_per_block_cpu(tmp_path):
         )
     finally:
         dist.destroy_process_group()
+
+
+def test_model_package_imports_only_torch_numpy_safetensors():
+    import ast
+    import pathlib
+    import sys
+
+    import vit_core.model
+
+    allowed = {"torch", "numpy", "safetensors", "__future__"} | set(sys.stdlib_module_names)
+    for path in pathlib.Path(vit_core.model.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            assert roots <= allowed, f"{path.name} imports {roots - allowed}"
