@@ -304,9 +304,11 @@ class RayCluster:
             "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         }
 
-    def _temp_dir(self) -> str:
+    def _temp_dir(self, node: str) -> str:
+        # Each node its own, as on separate machines: a node cleaning up its runtime
+        # environments must not delete files another node's processes still use.
         # Unix socket paths must stay short, so Ray's session files live under /tmp.
-        return f"/tmp/vitray-{self.port}"
+        return f"/tmp/vitray-{self.port}-{node}"
 
     def _start_node(self, args: list[str], log: Path) -> None:
         cmd = [
@@ -344,7 +346,7 @@ class RayCluster:
                 [
                     "--head",
                     f"--port={self.port}",
-                    f"--temp-dir={self._temp_dir()}",
+                    f"--temp-dir={self._temp_dir('head')}",
                     f"--dashboard-host={HOST}",
                     f"--dashboard-port={self.dashboard_port}",
                     "--include-dashboard=true",
@@ -356,7 +358,9 @@ class RayCluster:
             )
             for i in range(self.workers):
                 wlog = self.root / f"ray-worker-{i}.log"
-                self._start_node([f"--address={self.address}"], wlog)
+                self._start_node(
+                    [f"--address={self.address}", f"--temp-dir={self._temp_dir(f'w{i}')}"], wlog
+                )
             wait_until(
                 lambda: self.alive_nodes() == self.workers + 1, timeout, "Ray worker nodes", log
             )
@@ -384,7 +388,8 @@ class RayCluster:
         for pgid in reversed(self.pgids):
             kill_group(pgid)
         self.pgids.clear()
-        shutil.rmtree(self._temp_dir(), ignore_errors=True)
+        for node in ["head", *(f"w{i}" for i in range(self.workers))]:
+            shutil.rmtree(self._temp_dir(node), ignore_errors=True)
 
 
 @dataclass
