@@ -126,8 +126,9 @@ def test_reencode_with_max_side_and_quality(tmp_path):
 
 
 def test_shard_size_in_bytes(tmp_path):
-    index = make_digits_shards(str(tmp_path / "d"), progress=False)
-    one = index.shards("train")[0]
+    index = make_shards("digits", str(tmp_path / "d"), shard_bytes=256 << 20, progress=False)
+    one = index.shards("train")[0]  # 256 MiB holds all 1438
+    assert len(index.shards("train")) == 1
     target = one.size_bytes // 5
     index = make_shards("digits", str(tmp_path / "e"), shard_bytes=target, progress=False)
     sizes = [s.size_bytes for s in index.shards("train")]
@@ -242,9 +243,9 @@ def test_existing_dataset_is_not_overwritten_unless_asked(tmp_path):
     with pytest.raises(DatasetError, match="a dataset already exists at .*--overwrite"):
         make_digits_shards(out, progress=False)
     assert read_index(out).version == first.version  # untouched
-    second = make_digits_shards(out, overwrite=True, progress=False)  # one shard per split now
+    second = make_digits_shards(out, overwrite=True, shard_samples=2000, progress=False)
     left = sorted(p.name for p in Path(out).iterdir())
-    assert left == ["index.json", "train-000000.tar", "val-000000.tar"]
+    assert left == ["index.json", "train-000000.tar", "val-000000.tar"]  # stale shards gone
     assert second.version != first.version
 
 
@@ -273,9 +274,11 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_cli_writes_digits_and_gives_one_line_errors(tmp_path):
-    ok = run_cli("--source", "digits", "--out", str(tmp_path / "digits"), "--shard-samples", "1000")
+    ok = run_cli("--source", "digits", "--out", str(tmp_path / "digits"))
     assert ok.returncode == 0, ok.stderr
     assert "wrote" in ok.stdout and "train 1438" in ok.stdout
+    # The same dataset as the embedded demo's, byte for byte.
+    assert make_digits_shards(str(tmp_path / "demo"), progress=False).version in ok.stdout
     assert "samples/s" in ok.stderr  # progress with a rate
     assert json.loads((tmp_path / "digits" / "index.json").read_text())["totals"]["num_samples"] == 1797
 

@@ -172,12 +172,15 @@ def plan_shards(
     options: EncodeOptions,
     shuffle: bool,
     seed: int,
+    default_samples: int | None = None,
 ) -> tuple[list[ShardSpec], int]:
     if shard_samples is not None and shard_samples < 1:
         raise DatasetError(f"shard_samples must be at least 1, got {shard_samples}")
     if shard_bytes is not None and shard_bytes < 1:
         raise DatasetError(f"shard_bytes must be positive, got {shard_bytes}")
     per_shard = shard_samples
+    if per_shard is None and shard_bytes is None:
+        per_shard = default_samples
     if per_shard is None:
         everything = [s for samples in splits.values() for s in samples]
         average = _estimate_sample_bytes(everything, options)
@@ -273,7 +276,8 @@ def make_shards(
 ) -> DatasetIndex:
     """Convert a source (see sources.open_source, or a Source) into shards at `out`.
 
-    shard_samples or shard_bytes (default 256 MiB, estimated) set the shard size;
+    shard_samples or shard_bytes (default: the source's own, else 256 MiB, estimated from a
+    few encoded samples) set the shard size;
     val_fraction None keeps the source's own split (CIFAR) or takes 10% (digits: 20%); max_side and
     jpeg_quality re-encode every image as JPEG. Raises DatasetError/StorageError for bad
     input; unreadable images are skipped, counted in the index and reported.
@@ -295,6 +299,7 @@ def make_shards(
         options=options,
         shuffle=shuffle,
         seed=seed,
+        default_samples=src.default_shard_samples,
     )
     total = sum(len(s.samples) for s in specs)
     how = _choose_executor(executor, total, len(specs))
@@ -349,7 +354,8 @@ def make_digits_shards(
     progress: bool = True,
 ) -> DatasetIndex:
     """The embedded demo's dataset: scikit-learn's digits upscaled to image_size, as PNG,
-    split 80/20 by class, one shard per split unless shard_samples says otherwise."""
+    split 80/20 by class, in shards of 400 samples unless shard_samples says otherwise
+    (the same dataset `make_shards.py --source digits` writes)."""
     return make_shards(
         "digits",
         out_location,

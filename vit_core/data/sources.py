@@ -52,6 +52,7 @@ class Source:
     class_names: list[str]
     samples: list[SourceSample]
     default_val_fraction: float = 0.1  # when neither the caller nor the source splits
+    default_shard_samples: int | None = None  # when no shard size is given (else by bytes)
 
     @property
     def has_own_split(self) -> bool:
@@ -81,12 +82,14 @@ def digits_source(size: int = 32) -> Source:
     for i, (image, label) in enumerate(zip(pixels, digits.target, strict=True)):
         big = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
         samples.append(SourceSample(i, int(label), pixels=big))
-    # 20% for validation, as the embedded demo's make_digits_shards.
+    # 20% for validation; shards of 400, so a small demo still reads on several CPUs and
+    # reorders shards every epoch.
     return Source(
         f"sklearn digits (8x8 upscaled to {size}x{size})",
         [str(d) for d in range(10)],
         samples,
         default_val_fraction=0.2,
+        default_shard_samples=400,
     )
 
 
