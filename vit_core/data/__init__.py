@@ -28,8 +28,16 @@ Training (each worker, every epoch):
     shard = ray.train.get_dataset_shard("train")
     for images, labels, valid in iter_train_batches(shard, batch_size, device,
                                                     train=True, epoch=epoch, counter=counter):
-        targets = labels if mix is None else mix(images, labels)[1] ...
+        targets = labels
+        if mix is not None:
+            images, targets = mix(images, labels)    # soft targets [B, num_classes]
         loss = (per_row_loss * valid).sum() / valid.sum().clamp(min=1)
+
+  images: float32 [B,3,S,S] normalised with cfg.mean/std, on `device`; labels int64 [B];
+  valid bool [B]. train=True shuffles through a local buffer of cfg.shuffle_buffer rows
+  (seeded by cfg.seed and epoch) and drops a short last batch; train=False keeps order and
+  every row. The shuffle buffer and mean/std travel with the dataset, so the loop needs no
+  config of its own.
 
 Bad samples: a payload that is not an image, a missing or out-of-range label, a damaged
 or truncated shard: each such row still comes through, with valid=False (its image and label
@@ -41,9 +49,13 @@ epoch has exactly index.num_samples(split) rows; samples lost to a truncated sha
 among the invalid ones. `clean_batch(batch)` drops bad rows from a raw
 `iter_torch_batches` batch and returns (images, labels, n_bad).
 
-Rows of build_dataset: image float32 [3,S,S] normalised with cfg.mean/std, label int64,
-valid bool (key and shard too with with_keys=True). Shards are reordered every epoch from
-cfg.seed; rows are shuffled on each worker through a buffer of cfg.shuffle_buffer rows.
+Rows of build_dataset: image uint8 [3,S,S] (iter_train_batches normalises whole batches:
+in numpy for a CPU target, on the GPU after the transfer otherwise, so Ray moves a quarter
+of the bytes of float32), label int64, valid bool (key and shard too with with_keys=True).
+With cfg.normalize_on="dataset" the rows hold float32 [3,S,S] normalised with cfg.mean/std
+instead, for code that calls `iter_torch_batches` itself. Shards are reordered every epoch
+from cfg.seed (Ray Data re-plans the read on every pass); build_dataset(...,
+epoch_seed=N) fixes the order for a loop that builds a dataset per epoch.
 """
 
 from __future__ import annotations
@@ -54,6 +66,7 @@ from vit_core.data.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from vit_core.data.errors import DatasetError
 from vit_core.data.index import DatasetIndex, ShardInfo, open_dataset, read_index, verify
 from vit_core.data.make import make_digits_shards, make_shards, write_shard
+from vit_core.data.quality import report_bad_sample
 from vit_core.data.reader import build_dataset
 from vit_core.data.sources import Source, SourceSample, open_source
 
@@ -73,6 +86,7 @@ __all__ = [
     "SourceSample",
     "build_dataset",
     "clean_batch",
+    "report_bad_sample",
     "iter_train_batches",
     "make_digits_shards",
     "make_shards",

@@ -20,7 +20,8 @@ import numpy as np
 
 from vit_core.data.config import DataConfig
 from vit_core.data.errors import DatasetError
-from vit_core.data.index import DatasetIndex, ShardInfo, open_dataset, open_stream
+from vit_core.data.index import DatasetIndex, ShardInfo, open_stream, read_index, verify
+from vit_core.data.quality import report_bad_sample
 from vit_core.data.shards import ShardCorruptError, iter_samples
 from vit_core.data.transforms import TransformSpec, decode_batch
 
@@ -77,9 +78,7 @@ def read_shard(
             for sample in iter_samples(stream.read):
                 read += 1
                 if sample.error:
-                    logger.warning(
-                        "skipping sample %s in shard %s: %s", sample.key, location, sample.error
-                    )
+                    report_bad_sample(sample.key, location, sample.error)
                 label = -1 if sample.label is None else sample.label
                 rows.append((sample.key, sample.image or b"", label, sample.error or ""))
                 if len(rows) >= rows_per_block:
@@ -167,6 +166,21 @@ def _datasource_class():
     return ShardDatasource
 
 
+_verified: set[tuple[str, str, str]] = set()
+
+
+def _checked_index(cfg: DataConfig) -> DatasetIndex:
+    """open_dataset at cfg.verify. A "full" check (reading every shard) is done once per
+    process and dataset version: a job builds a train and a val dataset from one index."""
+    index = read_index(cfg.location)
+    key = (index.location, index.version, cfg.verify)
+    if key not in _verified:
+        verify(index, cfg.verify)
+        if cfg.verify == "full":
+            _verified.add(key)
+    return index
+
+
 def rows_per_block(image_size: int) -> int:
     return int(np.clip(_BLOCK_BYTES // (image_size * image_size * 3 * 4), 16, 512))
 
@@ -190,7 +204,7 @@ def build_dataset(
     is epoch_seed when given (for a loop that builds a new dataset each epoch).
     Raises DatasetError (missing location, index that does not match) before reading.
     """
-    index = index or open_dataset(cfg.location)
+    index = index or _checked_index(cfg)
     if not index.shards(split):
         raise DatasetError(f"dataset {index.location} has no shards for split {split!r}")
     import ray.data  # only now: a bad dataset fails without touching Ray

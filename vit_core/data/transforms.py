@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import io
-import logging
 import math
 import random
 import zlib
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-logger = logging.getLogger("vit_core.data")
+from vit_core.data.quality import report_bad_sample
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -195,7 +194,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec: TransformSpec) -> dict[str,
                 reason = f"not a decodable image ({type(err).__name__}: {err})"
         if reason:
             valid[i] = False
-            logger.warning("skipping sample %s in shard %s: %s", keys[i], batch["shard"][i], reason)
+            report_bad_sample(keys[i], batch["shard"][i], reason)
         if not valid[i]:
             pixels[i] = 0
     labels[~valid] = 0
