@@ -64,7 +64,9 @@ def synthetic_photo(seed: int) -> bytes:
     for c in range(3):
         for _ in range(4):
             fx, fy = rng.uniform(0.002, 0.03, 2)
-            img[..., c] += rng.uniform(20, 60) * np.sin(6.28 * (x * fx + y * fy) + rng.uniform(0, 6.28))
+            img[..., c] += rng.uniform(20, 60) * np.sin(
+                6.28 * (x * fx + y * fy) + rng.uniform(0, 6.28)
+            )
     img += rng.uniform(60, 190, 3)
     coarse = np.clip(rng.normal(0, 1, (h // 2, w // 2, 3)) * 40 + 128, 0, 255).astype(np.uint8)
     texture = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), np.float32) - 128
@@ -95,7 +97,9 @@ def ceiling(payloads: list[bytes], size: int) -> tuple[float, float]:
     start, cpu = time.perf_counter(), time.process_time()
     for data in payloads:
         decode_crop(data, spec, rng)
-    return len(payloads) / (time.perf_counter() - start), len(payloads) / (time.process_time() - cpu)
+    return len(payloads) / (time.perf_counter() - start), len(payloads) / (
+        time.process_time() - cpu
+    )
 
 
 def baseline_loader(urls: list[str], size: int, workers: int, batch: int):
@@ -158,19 +162,29 @@ def timed_pass(batches, kinds: set[str]) -> tuple[float, int, float]:
         count += len(images)
     seconds = time.perf_counter() - start
     after = cpu_seconds()
-    cpu = sum(t - before.get(pid, (kind, 0.0))[1] for pid, (kind, t) in after.items() if kind in kinds)
+    cpu = sum(
+        t - before.get(pid, (kind, 0.0))[1] for pid, (kind, t) in after.items() if kind in kinds
+    )
     return seconds, count, cpu
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="DataLoader workers = Ray CPUs")
+    parser.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 2, help="DataLoader workers = Ray CPUs"
+    )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--shard-samples", type=int, default=100)
-    parser.add_argument("--shuffle-buffer", type=int, default=0, help="(c): rows in the local shuffle buffer")
-    parser.add_argument("--rounds", type=int, default=2, help="timed passes per path, after a warm-up")
+    parser.add_argument(
+        "--shuffle-buffer", type=int, default=0, help="(c): rows in the local shuffle buffer"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="timed passes per path, after a warm-up"
+    )
     parser.add_argument("--work-dir", default=os.path.join(tempfile.gettempdir(), "vit-data-bench"))
     args = parser.parse_args()
     work = Path(args.work_dir)
@@ -178,9 +192,16 @@ def main() -> int:
 
     t0 = time.perf_counter()
     folder = make_folder(work, args.images)
-    print(f"{args.images} synthetic JPEGs in {folder} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    print(
+        f"{args.images} synthetic JPEGs in {folder} ({time.perf_counter() - t0:.0f}s)", flush=True
+    )
 
-    store = SeaweedFS(work / "seaweedfs", "bench" + secrets.token_hex(4), secrets.token_urlsafe(18), buckets=("vit",))
+    store = SeaweedFS(
+        work / "seaweedfs",
+        "bench" + secrets.token_hex(4),
+        secrets.token_urlsafe(18),
+        buckets=("vit",),
+    )
     store.start()
     os.environ.update(store.env())
     try:
@@ -219,10 +240,14 @@ def run(args, folder: Path, store: SeaweedFS) -> int:
     urls = []
     for shard in shards:
         loc = storage.S3Location.parse(index.shard_location(shard))
-        url = client.generate_presigned_url("get_object", Params={"Bucket": loc.bucket, "Key": loc.key}, ExpiresIn=3600)
+        url = client.generate_presigned_url(
+            "get_object", Params={"Bucket": loc.bucket, "Key": loc.key}, ExpiresIn=3600
+        )
         urls.append(f"pipe:curl -s -f {shlex.quote(url)}")
 
-    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(
+        num_cpus=args.workers, include_dashboard=False, logging_level="WARNING", log_to_driver=False
+    )
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -234,7 +259,9 @@ def run(args, folder: Path, store: SeaweedFS) -> int:
     loader = baseline_loader(urls, args.image_size, args.workers, args.batch)
 
     def ray_pass(epoch: int):
-        return iter_train_batches(dataset, args.batch, "cpu", train=True, epoch=epoch, drop_last=False)
+        return iter_train_batches(
+            dataset, args.batch, "cpu", train=True, epoch=epoch, drop_last=False
+        )
 
     # Wall-clock rates swing with whatever else runs on the machine; CPU seconds spent by
     # the processes doing each path's work (driver, its loader workers or Ray's processes,

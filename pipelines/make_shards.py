@@ -27,7 +27,16 @@ sys.path.insert(0, str(ROOT))  # `python pipelines/x.py` puts only pipelines/ on
 from vit_core.data import DatasetError, make_shards  # noqa: E402
 from vit_core.storage import StorageError  # noqa: E402
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+}
 
 
 def byte_size(text: str) -> int:
@@ -41,23 +50,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--source", required=True, help="digits, a folder, a .csv/.jsonl manifest, or a CIFAR-10 .tar.gz")
-    parser.add_argument("--out", required=True, help="s3://bucket/datasets/NAME/VERSION or a local directory")
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="digits, a folder, a .csv/.jsonl manifest, or a CIFAR-10 .tar.gz",
+    )
+    parser.add_argument(
+        "--out", required=True, help="s3://bucket/datasets/NAME/VERSION or a local directory"
+    )
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--shard-size", type=byte_size, help="target shard size in bytes, e.g. 256MB (default 256MiB)")
+    size.add_argument(
+        "--shard-size",
+        type=byte_size,
+        help="target shard size in bytes, e.g. 256MB (default 256MiB)",
+    )
     size.add_argument("--shard-samples", type=int, help="samples per shard instead of a byte size")
     parser.add_argument(
-        "--val-fraction", type=float, default=None,
+        "--val-fraction",
+        type=float,
+        default=None,
         help="fraction of each class for validation (default: the source's own split, else 0.1; digits 0.2)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the shuffle")
-    parser.add_argument("--no-shuffle", action="store_true", help="keep source order within each split")
-    parser.add_argument("--max-side", type=int, help="re-encode: shrink so the longer side is at most this")
-    parser.add_argument("--jpeg-quality", type=int, help="re-encode as JPEG at this quality (default 90 with --max-side)")
-    parser.add_argument("--image-size", type=int, default=32, help="digits only: upscale the 8x8 images to this")
-    parser.add_argument("--executor", choices=("auto", "ray", "local"), default="auto",
-                        help="auto: Ray for large sources or when Ray is running, else this process")
-    parser.add_argument("--overwrite", action="store_true", help="replace a finished dataset at --out")
+    parser.add_argument(
+        "--no-shuffle", action="store_true", help="keep source order within each split"
+    )
+    parser.add_argument(
+        "--max-side", type=int, help="re-encode: shrink so the longer side is at most this"
+    )
+    parser.add_argument(
+        "--jpeg-quality",
+        type=int,
+        help="re-encode as JPEG at this quality (default 90 with --max-side)",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=32, help="digits only: upscale the 8x8 images to this"
+    )
+    parser.add_argument(
+        "--executor",
+        choices=("auto", "ray", "local"),
+        default="auto",
+        help="auto: Ray for large sources or when Ray is running, else this process",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace a finished dataset at --out"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser.parse_args(argv)  # fmt: skip
 

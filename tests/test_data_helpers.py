@@ -44,7 +44,18 @@ def fake_cifar_archive(path: Path, per_batch: int = 6, batches: int = 2, test: i
     """A cifar-10-python.tar.gz with the real layout: cifar-10-batches-py/ with batches.meta
     and data_batch_N / test_batch pickles ({b'data': uint8 [N, 3072], b'labels': [...]})."""
     rng = np.random.default_rng(0)
-    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    names = [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ]
     content = {}
 
     def add(tar: tarfile.TarFile, name: str, obj) -> None:
@@ -54,8 +65,15 @@ def fake_cifar_archive(path: Path, per_batch: int = 6, batches: int = 2, test: i
         tar.addfile(info, io.BytesIO(data))
 
     with tarfile.open(path, "w:gz") as tar:
-        add(tar, "batches.meta", {"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072})
-        for name, n in [*[(f"data_batch_{b + 1}", per_batch) for b in range(batches)], ("test_batch", test)]:
+        add(
+            tar,
+            "batches.meta",
+            {"label_names": names, "num_cases_per_batch": per_batch, "num_vis": 3072},
+        )
+        for name, n in [
+            *[(f"data_batch_{b + 1}", per_batch) for b in range(batches)],
+            ("test_batch", test),
+        ]:
             data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
             labels = [int(x) for x in rng.integers(0, 10, n)]
             content[name] = (data, labels)

@@ -73,7 +73,9 @@ def test_eval_resizes_and_centre_crops():
 
 def test_jpeg_draft_decode_matches_a_full_decode():
     y, x = np.mgrid[0:1200, 0:1600]
-    smooth = np.stack([x * 255 // 1600, y * 255 // 1200, (x + y) * 255 // 2800], -1).astype(np.uint8)
+    smooth = np.stack([x * 255 // 1600, y * 255 // 1200, (x + y) * 255 // 2800], -1).astype(
+        np.uint8
+    )
     out = io.BytesIO()
     Image.fromarray(smooth).save(out, "JPEG", quality=92)
     data = out.getvalue()
@@ -147,8 +149,12 @@ def test_bad_rows_are_marked_and_logged_with_key_and_shard(caplog):
     assert out["label"].tolist() == [1, 0, 0, 0]
     assert np.all(out["image"][1:] == 0) and not np.all(out["image"][0] == 0)
     lines = [r.getMessage() for r in caplog.records]
-    assert any("00000002 in shard s3://b/d/train-000007.tar: not a decodable image" in m for m in lines)
-    assert any("00000003 in shard s3://b/d/train-000007.tar: label 7 outside 0..2" in m for m in lines)
+    assert any(
+        "00000002 in shard s3://b/d/train-000007.tar: not a decodable image" in m for m in lines
+    )
+    assert any(
+        "00000003 in shard s3://b/d/train-000007.tar: label 7 outside 0..2" in m for m in lines
+    )
     assert not any("00000004" in m for m in lines)  # the reader logged that one already
 
 
@@ -234,7 +240,9 @@ def test_index_that_does_not_match_the_shards(s3_prefix):
 
     tampered(lambda s: s["train"]["shards"][1].__setitem__("sha256", "0" * 64))
     open_dataset(out)  # sizes still match
-    with pytest.raises(DatasetError, match=rf"does not match the shards at {out}: train-000001.tar: sha256"):
+    with pytest.raises(
+        DatasetError, match=rf"does not match the shards at {out}: train-000001.tar: sha256"
+    ):
         open_dataset(out, verify_level="full")
 
     tampered(lambda s: s["val"]["shards"][0].__setitem__("num_samples", 5))
@@ -293,7 +301,16 @@ def test_bad_samples_are_skipped_and_counted_end_to_end(ray_client, s3_prefix):
     rows = keys_of(ds)
     assert len(rows) == 15  # every indexed sample has a row, good or bad
     good = {k for k, _, v in rows if v}
-    assert good == {"00000000", "00000001", "00000003", "00000007", "00000008", "00000010", "00000011", "00000012"}
+    assert good == {
+        "00000000",
+        "00000001",
+        "00000003",
+        "00000007",
+        "00000008",
+        "00000010",
+        "00000011",
+        "00000012",
+    }
     assert sum(not v for _, _, v in rows) == 7
 
     counter = BadSampleCounter()
@@ -333,12 +350,17 @@ def test_local_path_mode_gives_back_exactly_what_was_written(ray_client, tmp_pat
     loaded = torch.cat([im for im, _, _ in iter_train_batches(ds, 100, "cpu", train=False)])
     assert loaded.dtype == torch.float32
     assert torch.allclose(loaded, (torch.from_numpy(pixels).float() / 255 - 0.5) / 0.5, atol=1e-6)
-    as_float = dataclasses.replace(cfg, normalize_on="dataset", mean=[0.2, 0.3, 0.4], std=[0.5, 0.6, 0.7])
+    as_float = dataclasses.replace(
+        cfg, normalize_on="dataset", mean=[0.2, 0.3, 0.4], std=[0.5, 0.6, 0.7]
+    )
     float_ds = build_dataset(as_float, "val", train=False)
     float_ds.context.execution_options.preserve_order = True
     rows = np.concatenate([b["image"] for b in float_ds.iter_batches(batch_size=None)])
     assert rows.dtype == np.float32
-    mean, std = np.array([0.2, 0.3, 0.4]).reshape(1, 3, 1, 1), np.array([0.5, 0.6, 0.7]).reshape(1, 3, 1, 1)
+    mean, std = (
+        np.array([0.2, 0.3, 0.4]).reshape(1, 3, 1, 1),
+        np.array([0.5, 0.6, 0.7]).reshape(1, 3, 1, 1),
+    )
     assert np.allclose(rows, (pixels / 255 - mean) / std, atol=1e-5)
     again = torch.cat([im for im, _, _ in iter_train_batches(float_ds, 100, "cpu", train=False)])
     assert torch.allclose(again, torch.from_numpy(rows))
@@ -383,8 +405,12 @@ def test_two_train_workers_get_every_sample_once(ray_client, tmp_path, s3_prefix
     # both train splits hold an even number of samples, so nothing may go missing here.
     assert photos.num_samples("train") == 18 and digits.num_samples("train") == 1438
     datasets = {
-        "photos": build_dataset(DataConfig(location=photos.location), "train", train=True, with_keys=True),
-        "digits": build_dataset(DataConfig(location=digits.location), "train", train=True, with_keys=True),
+        "photos": build_dataset(
+            DataConfig(location=photos.location), "train", train=True, with_keys=True
+        ),
+        "digits": build_dataset(
+            DataConfig(location=digits.location), "train", train=True, with_keys=True
+        ),
     }
     results = tmp_path / "seen"
     results.mkdir()

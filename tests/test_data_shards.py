@@ -94,7 +94,9 @@ def test_image_folder_to_s3_skips_unreadable_images(tmp_path, s3_prefix):
     assert index.num_samples("train") == 18 and index.num_samples("val") == 6
     assert [s.name for s in index.shards("train")] == [f"train-00000{i}.tar" for i in range(5)]
     names = sorted(u.rsplit("/", 1)[-1] for u in storage.list_files(out))
-    assert names == sorted(["index.json"] + [s.name for s in index.shards("train") + index.shards("val")])
+    assert names == sorted(
+        ["index.json"] + [s.name for s in index.shards("train") + index.shards("val")]
+    )
     # Original bytes are kept when no re-encoding is asked for, with their format.
     source = {s.key: s for s in open_source(str(root)).samples}
     stored = {**stored_samples(index, "train"), **stored_samples(index, "val")}
@@ -144,7 +146,9 @@ def test_csv_manifest_with_relative_paths_and_names(tmp_path):
     lines.append("imgs/a/missing.png,a")  # a listed image that is not there: skipped
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
 
-    index = make_shards(str(tmp_path / "labels.csv"), str(tmp_path / "out"), val_fraction=0.0, progress=False)
+    index = make_shards(
+        str(tmp_path / "labels.csv"), str(tmp_path / "out"), val_fraction=0.0, progress=False
+    )
 
     assert index.class_names == ["a", "b"]
     assert index.num_samples("train") == 6 and index.skipped == 1
@@ -160,7 +164,8 @@ def test_jsonl_manifest_with_integer_labels_and_s3_uris(tmp_path, s3_prefix):
         uris.append(uri)
     manifest = f"{s3_prefix}/manifest.jsonl"
     storage.write_bytes(
-        manifest, "".join(json.dumps({"uri": u, "label": i % 3}) + "\n" for i, u in enumerate(uris)).encode()
+        manifest,
+        "".join(json.dumps({"uri": u, "label": i % 3}) + "\n" for i, u in enumerate(uris)).encode(),
     )
     index = make_shards(manifest, f"{s3_prefix}/out", val_fraction=0.0, progress=False)
     assert index.class_names == ["0", "1", "2"]
@@ -174,8 +179,16 @@ def test_jsonl_manifest_with_integer_labels_and_s3_uris(tmp_path, s3_prefix):
         ("m.csv", "file,label\na.png,x\nb.png\n", "m.csv line 3: 1 fields, the header has 2"),
         ("m.csv", "name,kind\na.png,x\n", "m.csv line 1: the header needs a path column"),
         ("m.csv", "path,label\n,x\n", "m.csv line 2: empty path"),
-        ("m.jsonl", '{"path": "a.png", "label": 1}\n{"path": "b.png"\n', "m.jsonl line 2: not valid JSON"),
-        ("m.jsonl", '{"path": "a.png", "label": 1}\n\n["b.png", 2]\n', "m.jsonl line 3: expected a JSON object"),
+        (
+            "m.jsonl",
+            '{"path": "a.png", "label": 1}\n{"path": "b.png"\n',
+            "m.jsonl line 2: not valid JSON",
+        ),
+        (
+            "m.jsonl",
+            '{"path": "a.png", "label": 1}\n\n["b.png", 2]\n',
+            "m.jsonl line 3: expected a JSON object",
+        ),
         ("m.jsonl", '{"image": "a.png", "label": [1]}\n', "m.jsonl line 1: invalid label"),
         ("m.jsonl", "", "m.jsonl: the manifest lists no images"),
     ],
@@ -210,7 +223,9 @@ def test_fake_cifar_archive_keeps_its_split(tmp_path):
     expected = []
     for name in ("data_batch_1", "data_batch_2", "test_batch"):
         data, labels = fake["batches"][name]
-        expected += list(zip(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels, strict=True))
+        expected += list(
+            zip(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels, strict=True)
+        )
     for key, (label, ext, blob) in {**train, **val}.items():
         pixels, true_label = expected[int(key)]
         assert label == true_label and ext == "png"
@@ -280,7 +295,10 @@ def test_cli_writes_digits_and_gives_one_line_errors(tmp_path):
     # The same dataset as the embedded demo's, byte for byte.
     assert make_digits_shards(str(tmp_path / "demo"), progress=False).version in ok.stdout
     assert "samples/s" in ok.stderr  # progress with a rate
-    assert json.loads((tmp_path / "digits" / "index.json").read_text())["totals"]["num_samples"] == 1797
+    assert (
+        json.loads((tmp_path / "digits" / "index.json").read_text())["totals"]["num_samples"]
+        == 1797
+    )
 
     again = run_cli("--source", "digits", "--out", str(tmp_path / "digits"))
     missing = run_cli("--source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))

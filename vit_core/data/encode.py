@@ -66,7 +66,13 @@ def encode_bytes(data: bytes, options: EncodeOptions) -> tuple[bytes, str]:
             # Decode at a reduced scale when the file is far larger than needed.
             img.draft("RGB", (options.max_side, options.max_side))
         img.load()  # a full decode: truncated files fail here, not at training time
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+    ) as err:
         raise UnreadableImage(f"not a readable image ({type(err).__name__}: {err})") from None
     if not options.reencode and fmt in KEPT_FORMATS:
         return data, KEPT_FORMATS[fmt]

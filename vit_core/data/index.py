@@ -122,7 +122,10 @@ class DatasetIndex:
             splits = {
                 name: [
                     ShardInfo(
-                        str(s["name"]), int(s["num_samples"]), str(s["sha256"]), int(s["size_bytes"])
+                        str(s["name"]),
+                        int(s["num_samples"]),
+                        str(s["sha256"]),
+                        int(s["size_bytes"]),
                     )
                     for s in entry["shards"]
                 ]
@@ -201,9 +204,7 @@ def _stored_sizes(location: str) -> dict[str, int]:
     except OSError as err:
         raise DatasetError(f"cannot list the shards at {location}: {err}") from None
     return {
-        info.path.rsplit("/", 1)[-1]: info.size
-        for info in infos
-        if info.type == pafs.FileType.File
+        info.path.rsplit("/", 1)[-1]: info.size for info in infos if info.type == pafs.FileType.File
     }
 
 
@@ -283,7 +284,9 @@ def verify(index: DatasetIndex, level: Literal["size", "full"] = "size") -> None
     if problems:
         shown = "; ".join(problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise DatasetError(f"the index does not match the shards at {index.location}: {shown}{more}")
+        raise DatasetError(
+            f"the index does not match the shards at {index.location}: {shown}{more}"
+        )
 
 
 def open_dataset(location: str, *, verify_level: Literal["size", "full"] = "size") -> DatasetIndex:

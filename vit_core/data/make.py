@@ -251,7 +251,9 @@ def _run_ray(specs: list[ShardSpec], out: str, options: EncodeOptions, progress:
                 cause = err.cause
                 if isinstance(cause, DatasetError | storage.StorageError):
                     raise cause from None
-                raise DatasetError(f"writing {spec.name} failed: {type(cause).__name__}: {cause}") from None
+                raise DatasetError(
+                    f"writing {spec.name} failed: {type(cause).__name__}: {cause}"
+                ) from None
             progress.update(len(spec.samples))
         if not done:
             progress.update(0)

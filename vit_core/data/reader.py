@@ -66,9 +66,7 @@ def _table(rows: list[tuple], shard: str, epoch: int):
     )
 
 
-def read_shard(
-    location: str, shard: ShardInfo, epoch: int, rows_per_block: int
-) -> Iterator:
+def read_shard(location: str, shard: ShardInfo, epoch: int, rows_per_block: int) -> Iterator:
     """Blocks (pyarrow tables) of raw rows from one shard; never raises for bad content."""
     rows: list[tuple] = []
     read = 0

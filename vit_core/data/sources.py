@@ -262,22 +262,32 @@ def cifar10_source(archive: str) -> Source:
                     try:
                         loaded = _unpickle(data)
                     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as err:
-                        raise DatasetError(f"{archive}: cannot read {member.name} ({err})") from None
+                        raise DatasetError(
+                            f"{archive}: cannot read {member.name} ({err})"
+                        ) from None
                     if base == "batches.meta":
                         meta = loaded
                     else:
                         batches[base] = loaded
     except (tarfile.TarError, OSError, EOFError) as err:
         raise DatasetError(f"{archive}: not a readable tar archive ({err})") from None
-    if meta is None or "test_batch" not in batches or not any(b.startswith("data_batch") for b in batches):
+    if (
+        meta is None
+        or "test_batch" not in batches
+        or not any(b.startswith("data_batch") for b in batches)
+    ):
         raise DatasetError(
             f"{archive}: not a CIFAR-10 python archive (needs batches.meta, data_batch_N, test_batch)"
         )
-    class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("label_names", [])]
+    class_names = [
+        n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("label_names", [])
+    ]
     if not class_names:
         raise DatasetError(f"{archive}: batches.meta has no label_names")
     samples: list[SourceSample] = []
-    order = sorted((b for b in batches if b != "test_batch"), key=lambda b: int(b.rsplit("_", 1)[1]))
+    order = sorted(
+        (b for b in batches if b != "test_batch"), key=lambda b: int(b.rsplit("_", 1)[1])
+    )
     for name in [*order, "test_batch"]:
         batch = batches[name]
         try:
@@ -291,6 +301,8 @@ def cifar10_source(archive: str) -> Source:
         split = "val" if name == "test_batch" else "train"
         for image, label in zip(images, labels, strict=True):
             if not 0 <= label < len(class_names):
-                raise DatasetError(f"{archive}: {name} has label {label} outside 0..{len(class_names) - 1}")
+                raise DatasetError(
+                    f"{archive}: {name} has label {label} outside 0..{len(class_names) - 1}"
+                )
             samples.append(SourceSample(len(samples), label, pixels=image, split=split))
     return Source(f"CIFAR-10 archive {archive}", class_names, samples)
