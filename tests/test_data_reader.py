@@ -387,6 +387,10 @@ def test_shard_order_is_reshuffled_every_epoch(ray_client, tmp_path):
     eval_ds.context.execution_options.preserve_order = True
     keys = [k for k, _, _ in keys_of(eval_ds)]
     assert keys == [k for k, _, _ in keys_of(eval_ds)]  # eval: same order every time
+    # Training batches through the local shuffle buffer: all full, the short one dropped.
+    shuffled = build_dataset(DataConfig(location=str(out), shuffle_buffer=256), "train", train=True)
+    sizes = [len(labels) for _, labels, _ in iter_train_batches(shuffled, 64, "cpu", epoch=0)]
+    assert sizes == [64] * (1438 // 64)
 
 
 @pytest.mark.slow
