@@ -192,8 +192,11 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, mlflow_server, 
     job.wait_for_checkpoint()
     alive = [w for w in train_workers(ray_cluster) if w.state == "ALIVE"]
     assert alive, "training workers should be running"
-    os.kill(alive[-1].pid, signal.SIGKILL)
+    victim = alive[-1]
+    print(f"killing train worker pid {victim.pid} on node {victim.node_id}")
+    os.kill(victim.pid, signal.SIGKILL)
     assert job.wait() == "SUCCEEDED", job.logs()[-4000:]
+    print(job.logs()[-8000:])  # shown if an assertion below fails
     assert "resumed at step" in job.logs()
     assert_one_complete_run(job, mlflow_server, total_steps=66)
 
