@@ -16,6 +16,10 @@ import uuid
 # Read by Ray when it is imported, so it is set before any test imports it.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
+# Ray reads its auth settings when imported: the test cluster's token is fixed up front,
+# so a test module that imports ray early still talks to the cluster.
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 # No test may reach a real cloud account through a developer's own settings.
 for _name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "RAY_ADDRESS"):
     os.environ.pop(_name, None)
@@ -86,6 +90,7 @@ def ray_cluster(s3, mlflow_server, tmp_path_factory, session_env) -> RayCluster:
         tmp_path_factory.mktemp("ray"),
         workers=1,
         env_extra={**s3.env(), **mlflow_server.env()},
+        auth_token=os.environ["RAY_AUTH_TOKEN"],
     )
     cluster.start()
     session_env.set(cluster.env())

@@ -130,15 +130,27 @@ class Job:
         return client, client.search_runs([exp.experiment_id])
 
 
-def train_workers(ray_cluster) -> list:
+def train_workers(ray_cluster, job_id: str | None = None) -> list:
     from ray.util.state import list_actors
 
-    return list_actors(
+    workers = list_actors(
         address=ray_cluster.dashboard_url,
         filters=[("class_name", "=", "RayTrainWorker")],
         detail=True,
         raise_on_missing_output=False,
     )
+    if job_id is None:
+        return workers
+    return [
+        w for w in workers if w.job_id and w.job_id in job_submission_job_ids(ray_cluster, job_id)
+    ]
+
+
+def job_submission_job_ids(ray_cluster, submission_id: str) -> set[str]:
+    from ray.job_submission import JobSubmissionClient
+
+    details = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(submission_id)
+    return {details.job_id} if details.job_id else set()
 
 
 def ray_nodes(ray_cluster) -> list[dict]:
@@ -190,15 +202,17 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, mlflow_server, 
     )  # fmt: skip
     job.submit()
     job.wait_for_checkpoint()
-    alive = [w for w in train_workers(ray_cluster) if w.state == "ALIVE"]
+    alive = [w for w in train_workers(ray_cluster, job.job_id) if w.state == "ALIVE"]
     assert alive, "training workers should be running"
     victim = alive[-1]
     print(f"killing train worker pid {victim.pid} on node {victim.node_id}")
     os.kill(victim.pid, signal.SIGKILL)
     assert job.wait() == "SUCCEEDED", job.logs()[-4000:]
-    print(job.logs()[-8000:])  # shown if an assertion below fails
-    assert "resumed at step" in job.logs()
     assert_one_complete_run(job, mlflow_server, total_steps=66)
+    # Ray Train started a second worker group, which went on from a checkpoint.
+    assert len(train_workers(ray_cluster, job_id=job.job_id)) > 2
+    client, runs = job.mlflow_runs(mlflow_server.uri)
+    assert client.get_metric_history(runs[0].info.run_id, "resumed_from_step")[0].value >= 8
 
 
 @pytest.mark.slow
@@ -216,9 +230,14 @@ def test_stopped_job_submitted_again_resumes(ray_cluster, mlflow_server, digits_
     second = Job(ray_cluster, digits_on_s3, run_name, extra)
     second.submit()
     assert second.wait() == "SUCCEEDED", second.logs()[-4000:]
-    resumed = [line for line in second.logs().splitlines() if "resumed at step" in line]
-    assert resumed and int(resumed[0].split("resumed at step ")[1].split("/")[0]) >= reached
+    assert f"resuming run {run_name}: it has checkpoints up to step {reached}" in second.logs()
     assert_one_complete_run(second, mlflow_server, total_steps=66)
+    # The second job went on from a checkpoint of the first: steps up to it ran once.
+    client, runs = second.mlflow_runs(mlflow_server.uri)
+    resumed = client.get_metric_history(runs[0].info.run_id, "resumed_from_step")
+    assert len(resumed) == 1 and 8 <= resumed[0].value <= reached
+    logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert all(logged.count(step) == 1 for step in range(2, int(resumed[0].value) + 1, 2))
 
 
 def test_missing_dataset_is_one_clear_error_before_training(tmp_path):

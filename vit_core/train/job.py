@@ -3,6 +3,7 @@ per-worker loop to Ray Train, then register the result and log its pictures."""
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import tempfile
@@ -71,6 +72,12 @@ def run_pretraining(cfg: PretrainConfig) -> TrainingOutcome:
         },
     )
 
+    resume_step = latest_checkpoint_step(run_location(cfg))
+    if resume_step is not None:
+        print(
+            f"resuming run {cfg.run_name}: it has checkpoints up to step {resume_step}",
+            flush=True,
+        )
     fs, path = storage.pyarrow_filesystem(cfg.storage)
     if not storage.is_remote(cfg.storage):
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -137,6 +144,16 @@ def run_pretraining(cfg: PretrainConfig) -> TrainingOutcome:
         print(f"registered {cfg.tracking.registered_model} version {version}")
     client.set_terminated(run_id)
     return TrainingOutcome(run_id, checkpoint_uri, progress.step, dict(result.metrics), version)
+
+
+def latest_checkpoint_step(location: str) -> int | None:
+    """The step of the newest checkpoint Ray Train kept for this run, if any."""
+    steps = [
+        json.loads(storage.read_bytes(uri))["step"]
+        for uri in storage.list_files(location)
+        if "/checkpoint_" in uri and uri.endswith("/progress.json")
+    ]
+    return max(steps, default=None)
 
 
 def full_uri(storage_root: str, checkpoint_path: str) -> str:

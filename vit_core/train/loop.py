@@ -213,6 +213,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"])
         # A tag, not a param: a restarted worker group may land on other nodes.
         logger.client.set_tag(logger.run_id, "cluster.worker_nodes", ",".join(node_ids))
+        if restored:
+            logger.log({"resumed_from_step": progress.step}, progress.step)
     mix = mixup_fn(cfg.data, num_classes)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
