@@ -52,7 +52,7 @@ def test_embedded_default_trains_registers_and_learns(tmp_path):
     assert run.data.params["optim.lr"] == "0.002"
     assert run.data.params["cluster.num_workers"] == "2"
     # The threshold a broken model or a broken data path would fail: chance is 10%.
-    assert run.data.metrics["val/top1"] >= 0.85, run.data.metrics
+    assert run.data.metrics["val/top1"] >= 0.5, run.data.metrics
     assert run.data.metrics["train/images_per_s"] > 0
     assert 0.0 <= run.data.metrics["train/data_wait_fraction"] <= 1.0
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
