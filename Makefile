@@ -20,7 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -v tests
+	$(BIN)/python -m pytest -v --durations=20 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
