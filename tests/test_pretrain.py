@@ -118,11 +118,14 @@ class Job:
             if "/checkpoint_" in uri and uri.endswith("/progress.json")
         ]
 
-    def wait_for_checkpoint(self, timeout: float = 300) -> None:
+    def wait_for_checkpoints(self, count: int = 2, timeout: float = 300) -> None:
+        """Wait until `count` checkpoints are on storage: Ray Train reports them in turn,
+        so all but the newest have surely been registered for a restart to use."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and not self.checkpoints():
+        while time.monotonic() < deadline and len(self.checkpoints()) < count:
             time.sleep(1)
-        assert self.checkpoints(), f"no checkpoint within {timeout}s:\n{self.logs()[-3000:]}"
+        found = len(self.checkpoints())
+        assert found >= count, f"{found} checkpoints within {timeout}s:\n{self.logs()[-3000:]}"
 
     def mlflow_runs(self, uri: str):
         client = MlflowClient(uri)
@@ -201,7 +204,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, mlflow_server, 
         ["train.epochs=3", "checkpoint.every_steps=8"],
     )  # fmt: skip
     job.submit()
-    job.wait_for_checkpoint()
+    job.wait_for_checkpoints()
     alive = [w for w in train_workers(ray_cluster, job.job_id) if w.state == "ALIVE"]
     assert alive, "training workers should be running"
     victim = alive[-1]
@@ -221,7 +224,7 @@ def test_stopped_job_submitted_again_resumes(ray_cluster, mlflow_server, digits_
     extra = ["train.epochs=3", "checkpoint.every_steps=8"]
     first = Job(ray_cluster, digits_on_s3, run_name, extra)
     first.submit()
-    first.wait_for_checkpoint()
+    first.wait_for_checkpoints()
     first.client.stop_job(first.job_id)
     assert first.wait() == "STOPPED"
     reached = max(c["step"] for c in first.checkpoints())
