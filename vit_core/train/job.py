@@ -72,7 +72,9 @@ def run_pretraining(cfg: PretrainConfig) -> TrainingOutcome:
         },
     )
 
-    resume_step = latest_checkpoint_step(run_location(cfg))
+    location = run_location(cfg)
+    best_model_uri = storage.join(location, "best_model")
+    resume_step = latest_checkpoint_step(location)
     if resume_step is not None:
         print(
             f"resuming run {cfg.run_name}: it has checkpoints up to step {resume_step}",
@@ -89,7 +91,7 @@ def run_pretraining(cfg: PretrainConfig) -> TrainingOutcome:
             "num_train": index.num_samples("train"),
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
-            "best_model_uri": storage.join(run_location(cfg), "best_model"),
+            "best_model_uri": best_model_uri,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -137,7 +139,7 @@ def run_pretraining(cfg: PretrainConfig) -> TrainingOutcome:
                 "dataset": cfg.data.location,
                 "dataset_version": index.version,
                 "checkpoint_uri": checkpoint_uri,
-                "best_model_uri": storage.join(run_location(cfg), "best_model"),
+                "best_model_uri": best_model_uri,
                 "run_name": cfg.run_name,
             },
         )
