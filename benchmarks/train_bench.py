@@ -147,19 +147,20 @@ def main() -> int:
     torch.set_num_threads(os.cpu_count())
     device = torch.device("cuda" if args.gpu else "cpu")
 
-    torch.manual_seed(0)
-    plain = run_steps(
-        build(args).to(device),
-        make_batches(8, args.batch, args.img_size, 10),
-        args.steps,
-        device,
-        args.gpu,
-    )
+    def plain_loop() -> float:
+        torch.manual_seed(0)
+        batches = make_batches(8, args.batch, args.img_size, 10)
+        return run_steps(build(args).to(device), batches, args.steps, device, args.gpu)
+
+    # The plain loop runs before and after Ray's, so a drift in machine speed shows.
+    before = plain_loop()
     ray_rate, wall = ray_train_steps_per_s(args)
+    after = plain_loop()
+    plain = (before + after) / 2
     print(
         f"model {args.model}{' (small)' if args.small else ''} at {args.img_size}px, batch {args.batch}, {args.steps} steps, {device}"
     )
-    print(f"plain torch loop : {plain:8.2f} steps/s (mean of a run before and after)")
+    print(f"plain torch loop : {plain:8.2f} steps/s (before {before:.2f}, after {after:.2f})")
     print(f"Ray Train (1 wkr): {ray_rate:8.2f} steps/s   ratio {ray_rate / plain:.3f}")
     print(f"Ray Train wall time incl. start-up: {wall:.1f}s for {args.steps + 3} steps")
 

@@ -37,6 +37,12 @@ def test_materialize_downloads_a_prefix(s3_prefix, tmp_path, monkeypatch):
     monkeypatch.setenv("VIT_CACHE_DIR", str(tmp_path / "cache"))
     storage.write_bytes(f"{s3_prefix}/model/config.json", b"{}")
     storage.write_bytes(f"{s3_prefix}/model/weights/w.bin", b"123")
+    # Directory markers, as pyarrow (and so Ray Train's checkpoint upload) leaves them.
+    marker = storage.S3Location.parse(f"{s3_prefix}/model/")
+    storage.s3_client().put_object(Bucket=marker.bucket, Key=marker.key, Body=b"")
+    assert storage.list_files(f"{s3_prefix}/model") == [
+        f"{s3_prefix}/model/config.json", f"{s3_prefix}/model/weights/w.bin"
+    ]  # fmt: skip
     local = storage.materialize(f"{s3_prefix}/model")
     assert (local / "config.json").read_bytes() == b"{}"
     assert (local / "weights" / "w.bin").read_bytes() == b"123"

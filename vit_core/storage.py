@@ -212,6 +212,8 @@ def list_files(location: str) -> list[str]:
     pages = paginator.paginate(Bucket=loc.bucket, Prefix=prefix)
     for page in _call(location, list, pages):
         for obj in page.get("Contents", []):
+            if obj["Key"].endswith("/"):
+                continue  # a directory marker (pyarrow writes them), not a file
             found.append(f"{S3_SCHEME}{loc.bucket}/{obj['Key']}")
     return sorted(found)
 
@@ -273,12 +275,14 @@ def materialize(location: str) -> Path:
         return path
     target = cache_dir() / hashlib.sha256(location.encode()).hexdigest()[:16]
     name = S3Location.parse(location).key.rstrip("/").rsplit("/", 1)[-1] or "object"
+    # A prefix is asked about first: some stores (SeaweedFS) answer HEAD on a "directory"
+    # key as if it were an empty object.
+    prefix = location.rstrip("/") + "/"
+    files = list_files(location)
+    if files and files != [location]:
+        for uri in files:
+            download_file(uri, target / name / uri[len(prefix) :])
+        return target / name
     if exists(location):
         return download_file(location, target / name)
-    files = list_files(location)
-    if not files:
-        raise StorageError(f"not found: {location}")
-    prefix = location.rstrip("/") + "/"
-    for uri in files:
-        download_file(uri, target / name / uri[len(prefix) :])
-    return target / name
+    raise StorageError(f"not found: {location}")

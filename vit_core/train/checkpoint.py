@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import json
 import random
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from vit_core import storage
 from vit_core.model import VisionTransformer, save_model
 
 MODEL_DIR = "model"
 STATE_FILE = "train_state.pt"
 PROGRESS_FILE = "progress.json"
+# Every file a checkpoint needs to be resumed from; a checkpoint missing one was cut
+# short (its upload interrupted) and is passed over.
+CHECKPOINT_FILES = frozenset(
+    {f"{MODEL_DIR}/model.safetensors", f"{MODEL_DIR}/config.json", STATE_FILE, PROGRESS_FILE}
+)
 
 
 @dataclass
@@ -113,3 +120,31 @@ def load_training_state(
 
 def read_progress(directory: Path) -> Progress:
     return Progress(**json.loads((directory / PROGRESS_FILE).read_text()))
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    uri: str
+    step: int
+
+
+def latest_stored_checkpoint(run_location: str) -> StoredCheckpoint | None:
+    """The complete checkpoint with the most steps under a run's location, if any.
+
+    Resuming reads storage rather than trusting `ray.train.get_checkpoint()` alone: Ray
+    hands over only checkpoints its controller has registered and written into its run
+    snapshot, and a job stopped, or a worker killed, just after an upload leaves newer
+    complete checkpoints that it never registered (sometimes none at all).
+    """
+    prefix = run_location.rstrip("/") + "/"
+    files: dict[str, set[str]] = defaultdict(set)
+    for uri in storage.list_files(run_location):
+        name, _, rest = uri[len(prefix) :].partition("/")
+        if name.startswith("checkpoint_"):
+            files[name].add(rest)
+    complete = [prefix + name for name, found in files.items() if CHECKPOINT_FILES <= found]
+    steps = [
+        StoredCheckpoint(uri, json.loads(storage.read_bytes(f"{uri}/{PROGRESS_FILE}"))["step"])
+        for uri in complete
+    ]
+    return max(steps, key=lambda c: c.step, default=None)

@@ -3,7 +3,6 @@ per-worker loop to Ray Train, then register the result and log its pictures."""
 
 from __future__ import annotations
 
-import json
 import platform
 import shutil
 import tempfile
@@ -29,7 +28,7 @@ from vit_core.track.runs import (
     start_or_resume_run,
     tracking_uri,
 )
-from vit_core.train.checkpoint import MODEL_DIR, read_progress
+from vit_core.train.checkpoint import MODEL_DIR, latest_stored_checkpoint, read_progress
 from vit_core.train.config import PretrainConfig
 from vit_core.train.loop import train_loop_per_worker
 
@@ -74,12 +73,9 @@ def run_pretraining(cfg: PretrainConfig) -> TrainingOutcome:
 
     location = run_location(cfg)
     best_model_uri = storage.join(location, "best_model")
-    resume_step = latest_checkpoint_step(location)
-    if resume_step is not None:
-        print(
-            f"resuming run {cfg.run_name}: it has checkpoints up to step {resume_step}",
-            flush=True,
-        )
+    latest = latest_stored_checkpoint(location)
+    if latest is not None:
+        print(f"resuming run {cfg.run_name} from step {latest.step} ({latest.uri})", flush=True)
     fs, path = storage.pyarrow_filesystem(cfg.storage)
     if not storage.is_remote(cfg.storage):
         Path(path).mkdir(parents=True, exist_ok=True)
@@ -92,6 +88,7 @@ def run_pretraining(cfg: PretrainConfig) -> TrainingOutcome:
             "mlflow_run_id": run_id,
             "tracking_uri": uri,
             "best_model_uri": best_model_uri,
+            "run_location": location,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
@@ -146,16 +143,6 @@ def run_pretraining(cfg: PretrainConfig) -> TrainingOutcome:
         print(f"registered {cfg.tracking.registered_model} version {version}")
     client.set_terminated(run_id)
     return TrainingOutcome(run_id, checkpoint_uri, progress.step, dict(result.metrics), version)
-
-
-def latest_checkpoint_step(location: str) -> int | None:
-    """The step of the newest checkpoint Ray Train kept for this run, if any."""
-    steps = [
-        json.loads(storage.read_bytes(uri))["step"]
-        for uri in storage.list_files(location)
-        if "/checkpoint_" in uri and uri.endswith("/progress.json")
-    ]
-    return max(steps, default=None)
 
 
 def full_uri(storage_root: str, checkpoint_path: str) -> str:

@@ -31,6 +31,7 @@ from vit_core.train.checkpoint import (
     MODEL_DIR,
     Progress,
     gather_state,
+    latest_stored_checkpoint,
     load_training_state,
     save_training_state,
     unwrap,
@@ -71,6 +72,15 @@ def autocast(device: torch.device, precision: str):
     if not use_bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's value on every rank, so all workers act on one decision."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -188,7 +198,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
         kwargs = {"auto_wrap_policy": ModuleWrapPolicy({Block})}
-    restored = ray.train.get_checkpoint()
     model = ray.train.torch.prepare_model(
         model, parallel_strategy=strategy, parallel_strategy_kwargs=kwargs
     )
@@ -197,11 +206,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, total_steps, cfg.optim)
     progress = Progress()
+    # A fresh job, a resubmitted one and a restarted worker group all start here: the
+    # run's newest complete checkpoint on storage, if any, is where training goes on.
+    restored = from_rank0(latest_stored_checkpoint(config["run_location"]) if rank == 0 else None)
     if restored:
-        with restored.as_directory() as directory:
-            progress = load_training_state(Path(directory), model, optimizer, scheduler, ema)
+        directory = storage.materialize(restored.uri)
+        progress = load_training_state(directory, model, optimizer, scheduler, ema)
         if rank == 0:
-            print(f"resumed at step {progress.step}/{total_steps} (data epoch {progress.epoch})")
+            print(
+                f"resumed from {restored.uri} at step {progress.step}/{total_steps} "
+                f"(data epoch {progress.epoch})",
+                flush=True,
+            )
 
     node_ids = [ray.get_runtime_context().get_node_id()] * world
     if dist.is_available() and dist.is_initialized():

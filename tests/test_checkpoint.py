@@ -1,0 +1,95 @@
+"""Training state saved and found again: the checkpoint a run resumes from."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from vit_core import storage
+from vit_core.model import create_model
+from vit_core.train.checkpoint import (
+    MODEL_DIR,
+    STATE_FILE,
+    Progress,
+    latest_stored_checkpoint,
+    load_training_state,
+    save_training_state,
+)
+
+
+def tiny():
+    return create_model(
+        "vit_ti16", img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2, num_classes=3
+    )
+
+
+def trained(seed: int):
+    """A model one optimiser step from a seeded init, with its optimiser and schedule."""
+    torch.manual_seed(seed)
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 16, 16)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return model, optimizer, scheduler
+
+
+def save(directory: Path, step: int, seed: int = 0) -> Path:
+    model, optimizer, scheduler = trained(seed)
+    return save_training_state(
+        directory, model, model.state_dict(), optimizer.state_dict(), scheduler,
+        Progress(step=step, epoch=1),
+    )  # fmt: skip
+
+
+def write_run(run: Path) -> None:
+    """Three checkpoints: steps 8 and 16 complete, step 24 cut short (no optimiser state)."""
+    save(run / "checkpoint_2026-01-01_00-00-01.000001", 8)
+    save(run / "checkpoint_2026-01-01_00-00-02.000001", 16, seed=1)
+    cut = save(run / "checkpoint_2026-01-01_00-00-03.000001", 24)
+    (cut / STATE_FILE).unlink()
+    # Files Ray keeps beside the checkpoints are not checkpoints.
+    (run / "checkpoint_manager_snapshot.json").write_text("{}")
+    save(run / "best_model_like", 99)
+
+
+def test_latest_complete_checkpoint_is_found_and_loads(tmp_path):
+    run = tmp_path / "run"
+    write_run(run)
+    found = latest_stored_checkpoint(str(run))
+    assert found is not None
+    assert (found.step, Path(found.uri).name) == (16, "checkpoint_2026-01-01_00-00-02.000001")
+
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    progress = load_training_state(Path(found.uri), model, optimizer, scheduler)
+    assert progress.step == 16
+    reference, reference_optimizer, _ = trained(seed=1)  # what the step-16 checkpoint holds
+    for key, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    restored_state = optimizer.state_dict()["state"]
+    for index, state in reference_optimizer.state_dict()["state"].items():
+        assert torch.equal(restored_state[index]["exp_avg"], state["exp_avg"])
+
+
+def test_no_checkpoint_means_a_fresh_start(tmp_path):
+    assert latest_stored_checkpoint(str(tmp_path / "missing")) is None
+    run = tmp_path / "run"
+    save(run / "checkpoint_a", 8)
+    shutil.rmtree(run / "checkpoint_a" / MODEL_DIR)
+    assert latest_stored_checkpoint(str(run)) is None
+
+
+@pytest.mark.usefixtures("s3")
+def test_latest_checkpoint_on_s3(tmp_path, s3_prefix):
+    run = tmp_path / "run"
+    write_run(run)
+    storage.upload_dir(run, s3_prefix)
+    found = latest_stored_checkpoint(s3_prefix)
+    assert found == type(found)(f"{s3_prefix}/checkpoint_2026-01-01_00-00-02.000001", 16)
+    local = storage.materialize(found.uri)
+    assert (local / MODEL_DIR / "model.safetensors").exists()
