@@ -117,6 +117,7 @@ def ray_train_steps_per_s(args) -> tuple[float, float]:
     )
     trainer.fit()
     wall = time.perf_counter() - t0
+    ray.shutdown()  # the plain loop after this one runs without Ray's processes, as before
     return float(Path(out).read_text()), wall
 
 
@@ -144,7 +145,7 @@ def main() -> int:
     if args.gpu and not torch.cuda.is_available():
         print("error: --gpu asked for but no CUDA device", file=sys.stderr)
         return 2
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.gpu else "cpu")
 
     def plain_loop() -> float:
