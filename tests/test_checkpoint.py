@@ -14,6 +14,7 @@ from vit_core.train.checkpoint import (
     MODEL_DIR,
     STATE_FILE,
     Progress,
+    gather_state,
     latest_stored_checkpoint,
     load_training_state,
     save_training_state,
@@ -39,10 +40,10 @@ def trained(seed: int):
 
 def save(directory: Path, step: int, seed: int = 0) -> Path:
     model, optimizer, scheduler = trained(seed)
+    weights, optimizer_state = gather_state(model, optimizer)
     return save_training_state(
-        directory, model, model.state_dict(), optimizer.state_dict(), scheduler,
-        Progress(step=step, epoch=1),
-    )  # fmt: skip
+        directory, model, weights, optimizer_state, scheduler, Progress(step=step, epoch=1)
+    )
 
 
 def write_run(run: Path) -> None:
@@ -72,7 +73,9 @@ def test_latest_complete_checkpoint_is_found_and_loads(tmp_path):
     for key, value in reference.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     restored_state = optimizer.state_dict()["state"]
-    for index, state in reference_optimizer.state_dict()["state"].items():
+    reference_state = reference_optimizer.state_dict()["state"]
+    assert restored_state.keys() == reference_state.keys()
+    for index, state in reference_state.items():
         assert torch.equal(restored_state[index]["exp_avg"], state["exp_avg"])
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from vit_core import storage
+from vit_core import create_model, storage
 from vit_core.track.runs import RUN_NAME_TAG
 from vit_core.train.checkpoint import latest_stored_checkpoint
 
@@ -62,6 +62,41 @@ def test_embedded_default_trains_registers_and_learns(tmp_path):
     versions = client.search_model_versions("name='vit-digits-pretrain'")
     assert len(versions) == 1
     assert versions[0].tags["dataset"] == "data/digits/v1"
+
+
+@pytest.mark.slow
+def test_fsdp_on_cpu_workers_trains_and_resumes_sharded_state(tmp_path):
+    """scaling.strategy=fsdp on two CPU workers (gloo): parameters and optimiser state are
+    sharded. A second run under the same name with one more epoch resumes from the first
+    run's checkpoint, loading the full state back into the shards."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SERVICE_VARIABLES)}
+    small = [o for o in SMALL_RUN if not o.startswith("scaling.placement_strategy")]
+    command = [sys.executable, str(ROOT / "pipelines" / "pretrain.py")]
+    for override in [*small, "scaling.strategy=fsdp", "run_name=fsdp"]:
+        command += ["--set", override]
+    outputs = []
+    for epochs in (1, 2):
+        proc = subprocess.run(
+            [*command, "--set", f"train.epochs={epochs}"],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        outputs.append(proc.stdout)
+    assert "resuming run" not in outputs[0]
+    assert "resuming run fsdp from step 22 " in outputs[1], outputs[1][-3000:]
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vit-digits")
+    (run,) = client.search_runs([experiment.experiment_id])
+    resumed = client.get_metric_history(run.info.run_id, "resumed_from_step")
+    assert [m.value for m in resumed] == [22]
+    assert run.data.tags["train.model_wrapper"] == "FSDPVisionTransformer"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
+    assert steps == list(range(2, 45, 2))  # each step logged once, across both runs
+    assert run.data.metrics["val/top1"] > 0.2  # it learned: chance is 0.1
+    version = client.search_model_versions("name='vit-digits-pretrain'")[-1]
+    model = create_model(checkpoint=str(tmp_path / "runs" / "fsdp" / "best_model"))
+    assert model.config.embed_dim == 48 and version.tags["run_name"] == "fsdp"
 
 
 @pytest.fixture(scope="module")
@@ -190,6 +225,7 @@ def test_job_submitted_to_two_nodes_trains_and_registers(ray_cluster, mlflow_ser
     cluster_nodes = {n["NodeID"] for n in ray_nodes(ray_cluster)}
     worker_nodes = runs[0].data.tags["cluster.worker_nodes"].split(",")
     assert len(worker_nodes) == 2 and set(worker_nodes) == cluster_nodes
+    assert runs[0].data.tags["train.model_wrapper"] == "DistributedDataParallel"
     assert runs[0].data.params["data.location"] == digits_on_s3
     assert runs[0].data.metrics["val/top1"] > 0.2  # above chance after two short epochs
     # Secrets never reach MLflow params or the logged config.

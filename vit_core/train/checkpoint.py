@@ -48,26 +48,15 @@ def unwrap(model: nn.Module) -> VisionTransformer:
     return model
 
 
-def is_fsdp(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    return isinstance(model, FSDP)
-
-
 def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """Unsharded model and optimiser state. Under FSDP every rank must call it."""
-    if not is_fsdp(model):
-        return unwrap(model).state_dict(), optimizer.state_dict()
-    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    """Unsharded model and optimiser state keyed by parameter names, in CPU memory: the
+    same for a plain, DDP or FSDP model. Under a process group every rank must call it;
+    the state lands on rank 0 (the other ranks get empty dicts)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    with FSDP.state_dict_type(
-        model,
-        StateDictType.FULL_STATE_DICT,
-        FullStateDictConfig(offload_to_cpu=True, rank0_only=True),
-        FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=True),
-    ):
-        return model.state_dict(), FSDP.optim_state_dict(model, optimizer)
+    return get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 def save_training_state(
@@ -105,11 +94,19 @@ def load_training_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ema: nn.Module | None = None,
 ) -> Progress:
+    """Put a checkpoint's state into a plain, DDP or FSDP model and its optimiser (every
+    rank reads the whole checkpoint and keeps its own shard)."""
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    unwrap(model).load_state_dict(load_file(directory / MODEL_DIR / "model.safetensors"))
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=load_file(directory / MODEL_DIR / "model.safetensors"),
+        optim_state_dict=state["optimizer"],
+        options=StateDictOptions(full_state_dict=True),
+    )
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate((3, tuple(state["python_rng"]), None))

@@ -16,7 +16,7 @@ import torch
 from ray.train.torch import TorchTrainer
 
 from vit_core import cluster, storage
-from vit_core.config import to_dict
+from vit_core.config import ConfigError, to_dict
 from vit_core.data import DatasetIndex, build_dataset, iter_train_batches, open_dataset
 from vit_core.model import create_model
 from vit_core.track import plots
@@ -30,7 +30,7 @@ from vit_core.track.runs import (
 )
 from vit_core.train.checkpoint import MODEL_DIR, latest_stored_checkpoint, read_progress
 from vit_core.train.config import PretrainConfig
-from vit_core.train.loop import train_loop_per_worker
+from vit_core.train.loop import parallel_strategy, train_loop_per_worker
 
 
 @dataclass
@@ -50,6 +50,8 @@ def run_location(cfg: PretrainConfig) -> str:
 
 def run_pretraining(cfg: PretrainConfig) -> TrainingOutcome:
     # Inputs are checked before any worker starts: a bad dataset fails here, clearly.
+    if parallel_strategy(cfg) == "fsdp" and cfg.optim.ema_decay > 0:
+        raise ConfigError("optim.ema_decay: an EMA copy of the weights is not supported with FSDP")
     index = open_dataset(cfg.data.location)
     cluster.connect()
     uri = tracking_uri()

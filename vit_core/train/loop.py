@@ -67,6 +67,20 @@ def build_model(cfg: PretrainConfig, num_classes: int) -> nn.Module:
     return vit_core.create_model(m.name, checkpoint=m.init_from, **overrides)
 
 
+def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP (torch's fully_shard): every Block is a unit whose parameters, gradients and
+    optimiser state are split across the workers, then the rest of the model. Ours rather
+    than prepare_model's, which only shards on GPUs: this runs on CPUs (gloo) too."""
+    from torch.distributed.fsdp import fully_shard
+
+    model.to(device)
+    for module in model.modules():
+        if isinstance(module, Block):
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
 def autocast(device: torch.device, precision: str):
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if not use_bf16:
@@ -192,15 +206,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if cfg.optim.ema_decay > 0
         else None
     )
-    strategy = parallel_strategy(cfg)
-    kwargs = {}
-    if strategy == "fsdp":
-        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-        kwargs = {"auto_wrap_policy": ModuleWrapPolicy({Block})}
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy=strategy, parallel_strategy_kwargs=kwargs
-    )
+    if parallel_strategy(cfg) == "fsdp":
+        model = shard_model(model, device)
+    else:
+        model = ray.train.torch.prepare_model(model)  # DDP when there is more than one worker
     if cfg.train.compile:
         model = torch.compile(model)
     optimizer = build_optimizer(model, cfg.optim)
@@ -229,6 +238,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         logger = MetricLogger(config["tracking_uri"], config["mlflow_run_id"])
         # A tag, not a param: a restarted worker group may land on other nodes.
         logger.client.set_tag(logger.run_id, "cluster.worker_nodes", ",".join(node_ids))
+        # What actually wraps the model: DistributedDataParallel, FSDP<Model>, or the model.
+        logger.client.set_tag(logger.run_id, "train.model_wrapper", type(model).__name__)
         if restored:
             logger.log({"resumed_from_step": progress.step}, progress.step)
     mix = mixup_fn(cfg.data, num_classes)
@@ -295,6 +306,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not last_micro:
                 continue
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if hasattr(grad_norm, "full_tensor"):  # a sharded (FSDP) model's norm
+                grad_norm = grad_norm.full_tensor()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
