@@ -30,7 +30,7 @@ logger = logging.getLogger("vit_core.data")
 # Read by vit_core.data.loader on the Train worker: the loader settings travel with the
 # dataset (in its DataContext), so iter_train_batches needs no config argument.
 LOADER_CONFIG_KEY = "vit_core.data.loader"
-_BLOCK_BYTES = 32 << 20  # decoded images per block
+_BLOCK_BYTES = 32 << 20  # decoded float32 images per block
 
 
 def _schema():
@@ -179,11 +179,8 @@ def _checked_index(cfg: DataConfig) -> DatasetIndex:
     return index
 
 
-def rows_per_block(image_size: int, bytes_per_value: int) -> int:
-    """Rows in one decoded block of about _BLOCK_BYTES: fewer, larger blocks cost less to
-    store, move and batch (uint8 rows fit four times as many as float32 ones)."""
-    row_bytes = image_size * image_size * 3 * bytes_per_value
-    return int(np.clip(_BLOCK_BYTES // row_bytes, 16, 512))
+def rows_per_block(image_size: int) -> int:
+    return int(np.clip(_BLOCK_BYTES // (image_size * image_size * 3 * 4), 16, 512))
 
 
 def build_dataset(
@@ -218,7 +215,7 @@ def build_dataset(
         split,
         shuffle_seed=cfg.seed if train else None,
         fixed_epoch=epoch_seed,
-        rows_per_block=rows_per_block(cfg.image_size, 4 if spec.normalize else 1),
+        rows_per_block=rows_per_block(cfg.image_size),
     )
     # One block stream per shard, never split: splitting the read output (Ray aims at 200
     # blocks by default) would stop the decode from fusing into the read task and turn
