@@ -53,6 +53,8 @@ def eval_spec(size: int = 32, **kw) -> TransformSpec:
 def test_decodes_jpeg_png_webp(fmt):
     data = image_bytes(3, (48, 40), fmt)
     out = decode_crop(data, eval_spec(32), np.random.default_rng(0))
+    assert out.shape == (3, 32, 32)
+    out = out.transpose(1, 2, 0)  # as PIL lays it out
     reference = Image.open(io.BytesIO(data)).convert("RGB")
     reference = np.asarray(reference.resize((32, 32), Image.BILINEAR, box=(4, 0, 44, 40)))
     assert out.shape == (32, 32, 3) and out.dtype == np.uint8
@@ -65,9 +67,11 @@ def test_eval_resizes_and_centre_crops():
     stripes[:, 66:133, 1] = 255
     stripes[:, 133:, 2] = 255
     out = decode_crop(png(stripes), eval_spec(20, eval_crop_pct=1.0), np.random.default_rng(0))
+    out = out.transpose(1, 2, 0)
     # The centre square (x 50..150) shows a little red, mostly green, a little blue.
     assert out[10, 0].argmax() == 0 and out[10, 10].argmax() == 1 and out[10, 19].argmax() == 2
     tight = decode_crop(png(stripes), eval_spec(20, eval_crop_pct=0.6), np.random.default_rng(0))
+    tight = tight.transpose(1, 2, 0)
     assert np.all(tight[:, :, 1] == 255)  # 60% of the centre: green only
 
 
@@ -80,6 +84,7 @@ def test_jpeg_draft_decode_matches_a_full_decode():
     Image.fromarray(smooth).save(out, "JPEG", quality=92)
     data = out.getvalue()
     fast = decode_crop(data, eval_spec(224, eval_crop_pct=0.875), np.random.default_rng(0))
+    fast = fast.transpose(1, 2, 0)
     full = Image.open(io.BytesIO(data)).convert("RGB")
     side = 1200 * 0.875
     box = ((1600 - side) / 2, (1200 - side) / 2, (1600 + side) / 2, (1200 + side) / 2)
