@@ -11,10 +11,10 @@ Images are generated: smooth synthetic photos with texture, about 400x350 and 11
 JPEG (ImageNet-like; noise would not compress like a photo), 10 classes, trained at 224 px.
 SeaweedFS is started here (infra.local.stack.SeaweedFS) and stopped at the end.
 
-    python benchmarks/data_bench.py                       # 2000 images, N = CPU count
+    python benchmarks/data_bench.py                       # 6000 images in shards of 500, N = CPU count
     python benchmarks/data_bench.py --images 4000 --workers 4 --rounds 3
 
-Reports images/s (the best of --rounds passes, each after a warm-up pass), (c)/(b), and
+Reports images/s (the median of --rounds passes, after a warm-up pass), (c)/(b), and
 (c) per worker against (a). Goals: (c)/(b) >= 1.0 and (c) per core >= 70% of (a).
 """
 
@@ -175,13 +175,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--images", type=int, default=6000)
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 2, help="DataLoader workers = Ray CPUs"
     )
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--shard-samples", type=int, default=100)
+    parser.add_argument("--shard-samples", type=int, default=500)
     parser.add_argument(
         "--shuffle-buffer", type=int, default=0, help="(c): rows in the local shuffle buffer"
     )

@@ -64,9 +64,11 @@ def _fill_bad_rows(
     bad = np.flatnonzero(~valid)
     good = np.flatnonzero(valid)
     if scale is not None and image.dtype == np.uint8:
-        image = image.astype(np.float32)  # new and writable
-        image -= scale[0]
-        image *= scale[1]
+        # (x - mean) / std as x * (1/std) - mean/std: two passes over the new float array.
+        out = np.empty(image.shape, dtype=np.float32)
+        np.multiply(image, scale[1], out=out)
+        out -= scale[0] * scale[1]
+        image = out
     elif not image.flags.writeable:
         # Arrow-backed batches are read-only views of the object store; the loop may write
         # into its tensors (timm's Mixup mixes in place).
