@@ -26,7 +26,12 @@ def listening_addresses(pids: set[int]) -> set[str]:
 
 
 def group_pids(pgid: int) -> set[int]:
-    return {p.pid for p in psutil.process_iter() if _pgid(p.pid) == pgid}
+    """Live processes of a group (a killed child its parent has not reaped yet is not)."""
+    return {
+        p.pid
+        for p in psutil.process_iter(["status"])
+        if _pgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE
+    }
 
 
 def _loopback(address: str) -> bool:

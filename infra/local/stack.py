@@ -94,22 +94,49 @@ def http_ok(url: str) -> bool:
         return err.code < 500
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether a process group has a member that is still running: a killed process whose
+    parent has not reaped it yet (a zombie) holds nothing and does not count."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
+def _group_gone(pgid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not _group_alive(pgid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def kill_group(pgid: int, grace: float = 10.0) -> None:
+    """SIGTERM a process group, SIGKILL what is left after `grace`, and wait until it is
+    gone, so that a caller that returns has really stopped the service."""
     try:
         os.killpg(pgid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
+    if _group_gone(pgid, grace):
+        return
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:
-        pass
+        return
+    _group_gone(pgid, 10.0)
 
 
 def launch(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
