@@ -14,6 +14,7 @@ from vit_core.train.checkpoint import (
     MODEL_DIR,
     STATE_FILE,
     Progress,
+    StoredCheckpoint,
     gather_state,
     latest_stored_checkpoint,
     load_training_state,
@@ -93,6 +94,6 @@ def test_latest_checkpoint_on_s3(tmp_path, s3_prefix):
     write_run(run)
     storage.upload_dir(run, s3_prefix)
     found = latest_stored_checkpoint(s3_prefix)
-    assert found == type(found)(f"{s3_prefix}/checkpoint_2026-01-01_00-00-02.000001", 16)
+    assert found == StoredCheckpoint(f"{s3_prefix}/checkpoint_2026-01-01_00-00-02.000001", 16)
     local = storage.materialize(found.uri)
     assert (local / MODEL_DIR / "model.safetensors").exists()

@@ -279,7 +279,7 @@ def materialize(location: str) -> Path:
     # key as if it were an empty object.
     prefix = location.rstrip("/") + "/"
     files = list_files(location)
-    if files and files != [location]:
+    if files:
         for uri in files:
             download_file(uri, target / name / uri[len(prefix) :])
         return target / name

@@ -88,9 +88,13 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def from_rank0(value: Any) -> Any:
     """Rank 0's value on every rank, so all workers act on one decision."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not distributed():
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -99,7 +103,7 @@ def from_rank0(value: Any) -> Any:
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_reduce(t)
     return t.tolist()
 
@@ -229,7 +233,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
 
     node_ids = [ray.get_runtime_context().get_node_id()] * world
-    if dist.is_available() and dist.is_initialized():
+    if distributed():
         dist.all_gather_object(node_ids, node_ids[0])
     logger = None
     if rank == 0 and config.get("mlflow_run_id"):
