@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from vit_core.data import (
     read_index,
 )
 from vit_core.data.index import open_stream
-from vit_core.data.shards import iter_samples
+from vit_core.data.shards import ShardCorruptError, iter_members, iter_samples
 from vit_core.data.sources import Source, SourceSample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -314,3 +315,58 @@ def test_cli_error_for_a_missing_bucket_has_no_secret(s3, tmp_path):
     assert result.stderr.startswith("error: ") and "no-such-bucket-here" in result.stderr
     assert "Traceback" not in result.stderr
     assert s3.secret_key not in result.stderr + result.stdout
+
+
+# ---- the tar reader ------------------------------------------------------------------------
+
+
+def tar_with(names: list[str], fmt: int) -> bytes:
+    """A tar of files named `names` (content: the name), a directory and a symlink, in
+    one of tarfile's formats."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tar:
+        directory = tarfile.TarInfo("a-directory")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        for name in names:
+            info = tarfile.TarInfo(name)
+            info.size = len(name.encode())
+            tar.addfile(info, io.BytesIO(name.encode()))
+        link = tarfile.TarInfo("a-link")
+        link.type, link.linkname = tarfile.SYMTYPE, names[0]
+        tar.addfile(link)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_reader_reads_regular_files_as_tarfile_does(fmt):
+    names = ["0001.jpg", "0001.cls", f"{'d' * 120}/0002.png", "0002.cls"]
+    if fmt != tarfile.USTAR_FORMAT:
+        names.append(f"{'x' * 130}.webp")  # longer than a USTAR name: GNU or pax records
+    data = tar_with(names, fmt)
+    members = list(iter_members(io.BytesIO(data).read))
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+    assert members == expected == [(n, n.encode()) for n in names]
+
+
+def test_tar_reader_stops_at_a_damaged_or_cut_header():
+    data = tar_with(["0001.jpg", "0001.cls", "0002.jpg"], tarfile.USTAR_FORMAT)
+    second = 512 * 3  # after the directory's header and 0001.jpg's header and content
+
+    def names_until_error(raw: bytes) -> tuple[list[str], str]:
+        names = []
+        try:
+            for name, _ in iter_members(io.BytesIO(raw).read):
+                names.append(name)
+        except ShardCorruptError as err:
+            return names, str(err)
+        return names, ""
+
+    assert names_until_error(data) == (["0001.jpg", "0001.cls", "0002.jpg"], "")
+    damaged = bytearray(data)
+    damaged[second + 3] ^= 0x20  # one flipped bit in the name: the checksum no longer holds
+    names, error = names_until_error(bytes(damaged))
+    assert names == ["0001.jpg"] and "damaged tar header" in error
+    names, error = names_until_error(data[: second + 100])
+    assert names == ["0001.jpg"] and error == "truncated tar header"

@@ -48,6 +48,19 @@ def test_materialize_downloads_a_prefix(s3_prefix, tmp_path, monkeypatch):
     assert (local / "weights" / "w.bin").read_bytes() == b"123"
 
 
+def test_open_read_streams_in_any_read_sizes(s3_prefix, tmp_path):
+    payload = os.urandom(3 << 20)  # three of open_read's 1 MB requests
+    storage.write_bytes(f"{s3_prefix}/big.bin", payload)
+    (tmp_path / "big.bin").write_bytes(payload)
+    for location in (f"{s3_prefix}/big.bin", str(tmp_path / "big.bin")):
+        with storage.open_read(location) as stream:
+            parts = [stream.read(512), stream.read(700_000), stream.read(2 << 20), stream.read()]
+        assert [len(p) for p in parts[:2]] == [512, 700_000] and b"".join(parts) == payload
+    for missing in (f"{s3_prefix}/nope.bin", str(tmp_path / "nope.bin")):
+        with pytest.raises(storage.StorageError, match=f"{missing}"):
+            storage.open_read(missing)
+
+
 def test_pyarrow_filesystem_reads_what_boto3_wrote(s3_prefix):
     storage.write_bytes(f"{s3_prefix}/arrow.txt", b"via arrow")
     fs, path = storage.pyarrow_filesystem(f"{s3_prefix}/arrow.txt")

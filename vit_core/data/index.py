@@ -14,10 +14,8 @@ never taken for a dataset. Layout (format_version 1):
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,7 +28,7 @@ from vit_core.data.shards import ShardCorruptError, count_samples
 INDEX_NAME = "index.json"
 FORMAT = "vit-webdataset"
 FORMAT_VERSION = 1
-_READ_CHUNK = 8 << 20
+_READ_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -208,33 +206,12 @@ def _stored_sizes(location: str) -> dict[str, int]:
     }
 
 
-@functools.lru_cache(maxsize=8)
-def _filesystem(remote: bool, _settings: tuple):
-    # One S3 filesystem per process and setting: each read task opens a shard, and
-    # building the client every time costs more than reading a small shard.
-    probe = "s3://bucket" if remote else "/"
-    return storage.pyarrow_filesystem(probe)[0]
-
-
 def open_stream(location: str):
-    """A readable stream for one object or file, through the storage layer's filesystem."""
-    remote = storage.is_remote(location)
-    settings = (
-        storage.endpoint_url(),
-        storage.region(),
-        os.environ.get("AWS_ACCESS_KEY_ID"),
-        os.environ.get("AWS_SECRET_ACCESS_KEY"),
-    )
-    fs = _filesystem(remote, settings if remote else ())
-    if remote:
-        parsed = storage.S3Location.parse(location)
-        path = f"{parsed.bucket}/{parsed.key}"
-    else:
-        path = os.path.abspath(location)
+    """A readable stream for one shard, buffered (see storage.open_read)."""
     try:
-        return fs.open_input_stream(path, buffer_size=_READ_CHUNK)
-    except OSError as err:
-        raise DatasetError(f"cannot read {location}: {err}") from None
+        return storage.open_read(location)
+    except storage.StorageError as err:
+        raise DatasetError(str(err)) from None
 
 
 def _check_content(index: DatasetIndex, split: str, shard: ShardInfo) -> str | None:

@@ -24,13 +24,14 @@ from vit_core.data.index import DatasetIndex, ShardInfo, open_stream, read_index
 from vit_core.data.quality import report_bad_sample
 from vit_core.data.shards import ShardCorruptError, iter_samples
 from vit_core.data.transforms import TransformSpec, decode_batch
+from vit_core.storage import StorageError
 
 logger = logging.getLogger("vit_core.data")
 
 # Read by vit_core.data.loader on the Train worker: the loader settings travel with the
 # dataset (in its DataContext), so iter_train_batches needs no config argument.
 LOADER_CONFIG_KEY = "vit_core.data.loader"
-_BLOCK_BYTES = 32 << 20  # decoded float32 images per block
+_BLOCK_BYTES = 32 << 20  # decoded images per block
 
 
 def _schema():
@@ -84,7 +85,7 @@ def read_shard(location: str, shard: ShardInfo, epoch: int, rows_per_block: int)
                     rows = []
     except ShardCorruptError as err:
         damage = str(err)
-    except (OSError, DatasetError) as err:  # the shard vanished or the store failed mid-read
+    except (OSError, DatasetError, StorageError) as err:  # gone, or the store failed mid-read
         damage = f"read failed ({type(err).__name__}: {err})"
     missing = shard.num_samples - read
     if damage or missing > 0:
@@ -179,8 +180,10 @@ def _checked_index(cfg: DataConfig) -> DatasetIndex:
     return index
 
 
-def rows_per_block(image_size: int) -> int:
-    return int(np.clip(_BLOCK_BYTES // (image_size * image_size * 3 * 4), 16, 512))
+def rows_per_block(image_size: int, bytes_per_value: int) -> int:
+    """Rows per block: about 32 MB of decoded images. Blocks much smaller than a batch
+    would make nearly every batch a concatenation of two blocks on the train worker."""
+    return int(np.clip(_BLOCK_BYTES // (image_size * image_size * 3 * bytes_per_value), 16, 512))
 
 
 def build_dataset(
@@ -215,7 +218,7 @@ def build_dataset(
         split,
         shuffle_seed=cfg.seed if train else None,
         fixed_epoch=epoch_seed,
-        rows_per_block=rows_per_block(cfg.image_size),
+        rows_per_block=rows_per_block(cfg.image_size, 4 if spec.normalize else 1),
     )
     # One block stream per shard, never split: splitting the read output (Ray aims at 200
     # blocks by default) would stop the decode from fusing into the read task and turn
