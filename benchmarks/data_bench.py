@@ -5,7 +5,9 @@
                 RandomResizedCrop, flip, ToTensor, Normalize), N workers, shards read from
                 SeaweedFS through pre-signed URLs
   (c) this project: build_dataset + iter_train_batches (Ray Data, N CPUs), shards read
-                from SeaweedFS
+                from SeaweedFS, two ways: normalised float32 batches, as (b) delivers them
+                and as a CPU trainer takes them; and uint8 batches, as a GPU trainer takes
+                them (it normalises on the device) and as (a) makes them
 
 Images are generated: smooth synthetic photos with texture, about 400x350 and 110 KB as
 JPEG (ImageNet-like; noise would not compress like a photo), 10 classes, trained at 224 px.
@@ -14,8 +16,8 @@ SeaweedFS is started here (infra.local.stack.SeaweedFS) and stopped at the end.
     python benchmarks/data_bench.py                       # 6000 images in shards of 500, N = CPU count
     python benchmarks/data_bench.py --images 4000 --workers 4 --rounds 3
 
-Reports images/s (the median of --rounds passes, after a warm-up pass), (c)/(b), and
-(c) per worker against (a). Goals: (c)/(b) >= 1.0 and (c) per core >= 70% of (a).
+Reports images/s (the median of --rounds passes, after a warm-up pass), (c)/(b) and (c)
+per core against (a). Goals: (c)/(b) >= 1.0 and (c) per core >= 70% of (a).
 """
 
 from __future__ import annotations
@@ -261,65 +263,78 @@ def run(args, folder: Path, store: SeaweedFS) -> int:
     dataset = build_dataset(cfg, "train", train=True, index=index)
     loader = baseline_loader(urls, args.image_size, args.workers, args.batch)
 
-    def ray_pass(epoch: int):
+    def ray_pass(epoch: int, normalize: bool):
         return iter_train_batches(
-            dataset, args.batch, "cpu", train=True, epoch=epoch, drop_last=False
-        )
+            dataset, args.batch, "cpu", train=True, epoch=epoch, drop_last=False,
+            normalize=normalize,
+        )  # fmt: skip
 
     # Wall-clock rates swing with whatever else runs on the machine; CPU seconds spent by
     # the processes doing each path's work (driver, its loader workers or Ray's processes,
     # and SeaweedFS) do not, so both are reported.
-    wall: dict[str, list[float]] = {"a": [], "b": [], "c": []}
-    per_cpu: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+    paths = ("a", "b", "c", "c8")
+    wall: dict[str, list[float]] = {k: [] for k in paths}
+    per_cpu: dict[str, list[float]] = {k: [] for k in paths}
     # (c) per CPU-second of the loader alone: the storage server, which is a remote
     # service on a real cluster, left out.
-    per_cpu_loader: list[float] = []
-    ms_per_image: dict[str, list[dict[str, float]]] = {"b": [], "c": []}
-    timed_pass(ray_pass(0), set())  # warm-up: worker processes, imports, connections
+    per_cpu_loader: dict[str, list[float]] = {"c": [], "c8": []}
+    ms_per_image: dict[str, list[dict[str, float]]] = {"b": [], "c": [], "c8": []}
+    timed_pass(ray_pass(0, True), set())  # warm-up: worker processes, imports, connections
     timed_pass(loader, set())
     ceiling(payloads[:100], args.image_size)
+    ray_kinds = {"driver", "ray-worker", "ray-daemon", "storage"}
     for r in range(args.rounds):
-        # Interleaved, so all three see the same machine load.
+        # Interleaved, so all of them see the same machine load.
         rate, cpu_rate = ceiling(payloads, args.image_size)
         wall["a"].append(rate)
         per_cpu["a"].append(cpu_rate)
         for key, batches, kinds in (
             ("b", loader, {"driver", "loader", "storage"}),
-            ("c", ray_pass(r + 1), {"driver", "ray-worker", "ray-daemon", "storage"}),
+            ("c", ray_pass(2 * r + 1, True), ray_kinds),
+            ("c8", ray_pass(2 * r + 2, False), ray_kinds),
         ):
             seconds, n, cpu = timed_pass(batches, kinds)
             assert n == len(payloads), (key, n, len(payloads))
             wall[key].append(n / seconds)
             per_cpu[key].append(n / sum(cpu.values()))
             ms_per_image[key].append({k: 1000 * v / n for k, v in cpu.items()})
-            if key == "c":
-                per_cpu_loader.append(n / (sum(cpu.values()) - cpu["storage"]))
+            if key in per_cpu_loader:
+                per_cpu_loader[key].append(n / (sum(cpu.values()) - cpu["storage"]))
         print(
-            f"round {r + 1}: images/s (a) {wall['a'][-1]:.0f} on 1 core, (b) {wall['b'][-1]:.0f}, "
-            f"(c) {wall['c'][-1]:.0f}; images per CPU-second (a) {per_cpu['a'][-1]:.0f}, "
-            f"(b) {per_cpu['b'][-1]:.0f}, (c) {per_cpu['c'][-1]:.0f}; load {os.getloadavg()[0]:.1f}",
+            f"round {r + 1}: images/s " + ", ".join(f"({k}) {wall[k][-1]:.0f}" for k in paths)
+            + "; per CPU-second " + ", ".join(f"({k}) {per_cpu[k][-1]:.0f}" for k in paths)
+            + f"; load {os.getloadavg()[0]:.1f}",
             flush=True,
-        )
-    a, b, c = (statistics.median(wall[k]) for k in "abc")
-    ca, cb, cc = (statistics.median(per_cpu[k]) for k in "abc")
+        )  # fmt: skip
+    med = {k: statistics.median(wall[k]) for k in paths}
+    med_cpu = {k: statistics.median(per_cpu[k]) for k in paths}
     w = args.workers
     print()
     print(
         f"{len(payloads)} images, {args.image_size} px, batch {args.batch}, {w} DataLoader workers "
         f"= {w} Ray CPUs, shuffle buffer {args.shuffle_buffer}, median of {args.rounds} rounds"
     )
-    print(f"{'':42}{'images/s':>10}{'per CPU-s':>11}")
-    print(f"{'(a) ceiling: decode+crop, 1 process':42}{a:10.0f}{ca:11.0f}")
-    print(f"{f'(b) webdataset + DataLoader, {w} workers':42}{b:10.0f}{cb:11.0f}")
-    print(f"{f'(c) Ray Data path, {w} CPUs':42}{c:10.0f}{cc:11.0f}")
-    print(f"(c)/(b): {c / b:.2f} wall, {cc / cb:.2f} per CPU-second   (goal >= 1.0)")
-    cl = statistics.median(per_cpu_loader)
+    print(f"{'':52}{'images/s':>10}{'per CPU-s':>11}")
+    for key, label in (
+        ("a", "(a) ceiling: decode+crop to uint8, 1 process"),
+        ("b", f"(b) webdataset + DataLoader, {w} workers, float32"),
+        ("c", f"(c) Ray Data path, {w} CPUs, float32"),
+        ("c8", f"(c8) Ray Data path, {w} CPUs, uint8"),
+    ):
+        print(f"{label:52}{med[key]:10.0f}{med_cpu[key]:11.0f}")
     print(
-        f"(c) per core / (a): {c / w / a:.0%} wall ((c)/{w} cores), {cc / ca:.0%} per CPU-second, "
-        f"{cl / ca:.0%} per CPU-second without the storage server (goal >= 70%)"
+        f"(c)/(b), both normalised float32: {med['c'] / med['b']:.2f} wall, "
+        f"{med_cpu['c'] / med_cpu['b']:.2f} per CPU-second   (goal >= 1.0)"
     )
-    print(f"CPU ms per image: (a) {1000 / ca:.2f} (decode + crop)")
-    for key in "bc":
+    for key in ("c8", "c"):
+        loader_only = statistics.median(per_cpu_loader[key])
+        print(
+            f"({key}) per core / (a): {med[key] / w / med['a']:.0%} wall (({key})/{w} cores), "
+            f"{med_cpu[key] / med_cpu['a']:.0%} per CPU-second, {loader_only / med_cpu['a']:.0%} "
+            "per CPU-second without the storage server (goal >= 70%)"
+        )
+    print(f"CPU ms per image: (a) {1000 / med_cpu['a']:.2f} (decode + crop)")
+    for key in ("b", "c", "c8"):
         parts = {
             k: statistics.median(r[k] for r in ms_per_image[key]) for k in ms_per_image[key][0]
         }

@@ -375,6 +375,10 @@ def test_local_path_mode_gives_back_exactly_what_was_written(ray_client, tmp_pat
     loaded = torch.cat([im for im, _, _ in iter_train_batches(ds, 100, "cpu", train=False)])
     assert loaded.dtype == torch.float32
     assert torch.allclose(loaded, (torch.from_numpy(pixels).float() / 255 - 0.5) / 0.5, atol=1e-6)
+    raw = torch.cat(
+        [im for im, _, _ in iter_train_batches(ds, 100, "cpu", train=False, normalize=False)]
+    )
+    assert raw.dtype == torch.uint8 and torch.equal(raw, torch.from_numpy(pixels))
     as_float = dataclasses.replace(
         cfg, normalize_on="dataset", mean=[0.2, 0.3, 0.4], std=[0.5, 0.6, 0.7]
     )

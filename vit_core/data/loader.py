@@ -178,6 +178,7 @@ def iter_train_batches(
     counter: BadSampleCounter | None = None,
     drop_last: bool | None = None,
     prefetch_batches: int = 2,
+    normalize: bool = True,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """(images float32 [B,3,S,S] normalised, labels int64 [B], valid bool [B]) on `device`,
     for one pass over the shard.
@@ -186,6 +187,8 @@ def iter_train_batches(
     train=True shuffles rows through a local buffer of the dataset's cfg.shuffle_buffer rows
     (seeded from cfg.seed and `epoch` when epoch is given) and drops the last short batch,
     so every batch has batch_size rows. `counter`, if given, counts the bad rows.
+    normalize=False leaves uint8 images as they are, for a loop that normalises them itself
+    (inside a compiled model, say); the dataset's mean and std are in loader_settings.
     """
     settings = loader_settings(shard)
     if shuffle_buffer is None:
@@ -203,7 +206,7 @@ def iter_train_batches(
     # CPU target (torch's CPU kernels are slower at it), on the GPU after the transfer
     # otherwise (4x fewer bytes to copy over PCIe).
     on_host = target.type == "cpu"
-    scale = _scale(settings) if on_host and settings else None
+    scale = _scale(settings) if normalize and on_host and settings else None
     batches = shard.iter_torch_batches(
         batch_size=batch_size,
         device=target,
@@ -216,7 +219,7 @@ def iter_train_batches(
     device_scale: tuple[torch.Tensor, torch.Tensor] | None = None
     for batch in batches:
         images = batch["image"]
-        if images.dtype == torch.uint8:
+        if normalize and images.dtype == torch.uint8:
             if device_scale is None:
                 mean, inv_std = _scale(settings)
                 device_scale = (
