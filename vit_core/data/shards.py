@@ -99,9 +99,8 @@ def _parse_header(header: bytes) -> tuple[str, int, bytes]:
             size = int(header[124:136].replace(b"\0", b" ").strip() or b"0", 8)
     except (ValueError, tarfile.InvalidHeaderError) as err:
         raise ShardCorruptError(f"damaged tar header ({err})") from None
-    if stored != sum(header) - sum(header[148:156]) + 256 and stored not in tarfile.calc_chksums(
-        header
-    ):
+    unsigned = sum(header) - sum(header[148:156]) + 256  # the field itself counts as spaces
+    if stored != unsigned and stored not in tarfile.calc_chksums(header):  # old tars: signed
         raise ShardCorruptError("damaged tar header (bad checksum)")
     kind = header[156:157]
     name = header[:100].split(b"\0", 1)[0]
