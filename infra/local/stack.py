@@ -72,6 +72,7 @@ def find_binary(name: str, package: str) -> str:
 
 def wait_until(check, timeout: float, what: str, log: Path | None = None, proc=None) -> None:
     deadline = time.monotonic() + timeout
+    last_error = ""
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-2000:] if log and log.exists() else ""
@@ -79,11 +80,11 @@ def wait_until(check, timeout: float, what: str, log: Path | None = None, proc=N
         try:
             if check():
                 return
-        except Exception:
-            pass
+        except Exception as err:  # not up yet; kept in case it never is
+            last_error = f" (last check: {type(err).__name__}: {err})"
         time.sleep(0.5)
     hint = f"; see {log}" if log else ""
-    raise StackError(f"{what} did not become healthy within {timeout:.0f}s{hint}")
+    raise StackError(f"{what} did not become healthy within {timeout:.0f}s{last_error}{hint}")
 
 
 def http_ok(url: str) -> bool:
@@ -152,8 +153,31 @@ def launch(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
         )
 
 
+class ProcessGroupService:
+    """A server started in its own process group: waited for until ready, stopped as a
+    whole, and stopped if it never becomes ready."""
+
+    pgid: int | None
+
+    def _run(
+        self, cmd: list[str], log: Path, env: dict[str, str], what: str, ready, timeout: float
+    ) -> None:
+        proc = launch(cmd, log, env)
+        self.pgid = proc.pid
+        try:
+            wait_until(ready, timeout, what, log, proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        if self.pgid:
+            kill_group(self.pgid)
+            self.pgid = None
+
+
 @dataclass
-class SeaweedFS:
+class SeaweedFS(ProcessGroupService):
     """`weed mini`: master, volume, filer and S3 gateway in one process."""
 
     root: Path
@@ -208,18 +232,15 @@ class SeaweedFS:
         ]  # fmt: skip
         # weed mini takes its admin S3 identity from these variables.
         env = {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
-        log = self.root / "seaweedfs.log"
-        proc = launch(cmd, log, env)
-        self.pgid = proc.pid
-        try:
-            wait_until(self._s3_ready, timeout, "SeaweedFS", log, proc)
-            client = self._client()
-            existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
-            for bucket in set(self.buckets) - existing:
-                client.create_bucket(Bucket=bucket)
-        except BaseException:
-            self.stop()
-            raise
+        self._run(cmd, self.root / "seaweedfs.log", env, "SeaweedFS", self._ready, timeout)
+
+    def _ready(self) -> bool:
+        """S3 answers, and the buckets asked for exist."""
+        client = self._client()
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        for bucket in set(self.buckets) - existing:
+            client.create_bucket(Bucket=bucket)
+        return True
 
     def _client(self):
         import boto3
@@ -244,14 +265,9 @@ class SeaweedFS:
         except Exception:
             return False
 
-    def stop(self) -> None:
-        if self.pgid:
-            kill_group(self.pgid)
-            self.pgid = None
-
 
 @dataclass
-class MLflowServer:
+class MLflowServer(ProcessGroupService):
     """`mlflow server` on SQLite, proxying artifacts into the S3 store."""
 
     root: Path
@@ -281,22 +297,10 @@ class MLflowServer:
             "--host", HOST, "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
         env = {**self.s3_env, "MLFLOW_S3_ENDPOINT_URL": self.s3_env["AWS_ENDPOINT_URL_S3"]}
-        log = self.root / "mlflow.log"
-        proc = launch(cmd, log, env)
-        self.pgid = proc.pid
-        try:
-            wait_until(self.healthy, timeout, "MLflow server", log, proc)
-        except BaseException:
-            self.stop()
-            raise
+        self._run(cmd, self.root / "mlflow.log", env, "MLflow server", self.healthy, timeout)
 
     def healthy(self) -> bool:
         return http_ok(f"{self.uri}/health")
-
-    def stop(self) -> None:
-        if self.pgid:
-            kill_group(self.pgid)
-            self.pgid = None
 
 
 @dataclass
