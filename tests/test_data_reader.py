@@ -31,7 +31,7 @@ from vit_core.data import (
     open_source,
 )
 from vit_core.data.index import write_index
-from vit_core.data.loader import FloatBufferPool, _fill_bad_rows, _scale
+from vit_core.data.loader import FloatBufferPool, _fill_bad_rows
 from vit_core.data.reader import read_shard
 from vit_core.data.transforms import TransformSpec, decode_batch, decode_crop
 
@@ -224,18 +224,18 @@ def test_normalised_batches_reuse_buffers_only_when_nothing_holds_them():
     images = np.random.default_rng(0).integers(0, 256, (4, 3, 2, 2), dtype=np.uint8)
     batch = {"image": images, "label": np.arange(4), "valid": np.ones(4, bool)}
     mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
-    scale = _scale({"mean": mean.tolist(), "std": std.tolist()})
+    mean_std = (mean.tolist(), std.tolist())
     pool = FloatBufferPool(size=2)
     expected = (images / 255.0 - mean.reshape(1, 3, 1, 1)) / std.reshape(1, 3, 1, 1)
-    kept = _fill_bad_rows(batch, scale, pool)["image"]  # a loop that keeps its batch
+    kept = _fill_bad_rows(batch, mean_std, pool)["image"]  # a loop that keeps its batch
     assert np.allclose(kept.numpy(), expected, atol=1e-6)
-    view = _fill_bad_rows(batch, scale, pool)["image"][1:]  # a view keeps its buffer too
+    view = _fill_bad_rows(batch, mean_std, pool)["image"][1:]  # a view keeps its buffer too
     for _ in range(3):
         batch["image"] = images[::-1].copy()
-        dropped = _fill_bad_rows(batch, scale, pool)["image"]
+        dropped = _fill_bad_rows(batch, mean_std, pool)["image"]
         address = dropped.data_ptr()
         del dropped
-        assert _fill_bad_rows(batch, scale, pool)["image"].data_ptr() == address  # reused
+        assert _fill_bad_rows(batch, mean_std, pool)["image"].data_ptr() == address  # reused
     assert np.allclose(kept.numpy(), expected, atol=1e-6)  # never overwritten
     assert np.allclose(view.numpy(), expected[1:], atol=1e-6)
 

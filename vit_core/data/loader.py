@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from vit_core.data.reader import LOADER_CONFIG_KEY
+from vit_core.data.transforms import normalize as normalize_images
 
 
 class BadSampleCounter:
@@ -86,22 +87,18 @@ class FloatBufferPool:
 
 def _fill_bad_rows(
     batch: dict[str, np.ndarray],
-    scale: tuple[np.ndarray, np.ndarray] | None = None,
+    mean_std: tuple[list[float], list[float]] | None = None,
     pool: FloatBufferPool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Torch tensors of a numpy batch, bad rows holding a good row's content; uint8 images
-    normalised to float32 when `scale` (mean*255, 1/(std*255)) is given, into a buffer
-    of `pool` when given."""
+    normalised to float32 when `mean_std` is given, into a buffer of `pool` when given."""
     valid = np.array(batch["valid"], dtype=bool)  # a small copy, writable
     image, label = batch["image"], batch["label"]
     bad = np.flatnonzero(~valid)
     good = np.flatnonzero(valid)
-    if scale is not None and image.dtype == np.uint8:
-        # (x - mean) / std as x * (1/std) - mean/std: two passes over the float array.
-        out = pool.get(image.shape) if pool else np.empty(image.shape, dtype=np.float32)
-        np.multiply(image, scale[1], out=out)
-        out -= scale[0] * scale[1]
-        image = out
+    if mean_std is not None and image.dtype == np.uint8:
+        out = pool.get(image.shape) if pool else None
+        image = normalize_images(image, *mean_std, out=out)
     elif not image.flags.writeable:
         # Arrow-backed batches are read-only views of the object store; the loop may write
         # into its tensors (timm's Mixup mixes in place).
@@ -123,12 +120,12 @@ def _collate_class():
     from ray.data.collate_fn import NumpyBatchCollateFn
 
     class FillBadRows(NumpyBatchCollateFn):
-        def __init__(self, scale: tuple[np.ndarray, np.ndarray] | None) -> None:
-            self.scale = scale
-            self.pool = FloatBufferPool() if scale is not None else None
+        def __init__(self, mean_std: tuple[list[float], list[float]] | None) -> None:
+            self.mean_std = mean_std
+            self.pool = FloatBufferPool() if mean_std is not None else None
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-            return _fill_bad_rows(batch, self.scale, self.pool)
+            return _fill_bad_rows(batch, self.mean_std, self.pool)
 
     return FillBadRows
 
@@ -148,12 +145,10 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
     return torch.device(device)
 
 
-def _scale(settings: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def _mean_std(settings: dict[str, Any]) -> tuple[list[float], list[float]]:
     if "mean" not in settings or "std" not in settings:
         raise ValueError("uint8 images without mean/std: iterate a dataset made by build_dataset")
-    mean = np.asarray(settings["mean"], dtype=np.float32).reshape(1, 3, 1, 1) * 255
-    std = np.asarray(settings["std"], dtype=np.float32).reshape(1, 3, 1, 1) * 255
-    return mean, (1.0 / std).astype(np.float32)
+    return settings["mean"], settings["std"]
 
 
 def loader_settings(shard) -> dict[str, Any]:
@@ -206,11 +201,11 @@ def iter_train_batches(
     # CPU target (torch's CPU kernels are slower at it), on the GPU after the transfer
     # otherwise (4x fewer bytes to copy over PCIe).
     on_host = target.type == "cpu"
-    scale = _scale(settings) if normalize and on_host and settings else None
+    mean_std = _mean_std(settings) if normalize and on_host and settings else None
     batches = shard.iter_torch_batches(
         batch_size=batch_size,
         device=target,
-        collate_fn=_collate_class()(scale),
+        collate_fn=_collate_class()(mean_std),
         drop_last=train if drop_last is None else drop_last,
         local_shuffle_buffer_size=buffer,
         local_shuffle_seed=shuffle_seed if buffer else None,
@@ -221,11 +216,11 @@ def iter_train_batches(
         images = batch["image"]
         if normalize and images.dtype == torch.uint8:
             if device_scale is None:
-                mean, inv_std = _scale(settings)
-                device_scale = (
-                    torch.from_numpy(mean).to(images.device),
-                    torch.from_numpy(inv_std).to(images.device),
+                mean, std = (
+                    torch.tensor(v, dtype=torch.float32).reshape(1, 3, 1, 1) * 255
+                    for v in _mean_std(settings)
                 )
+                device_scale = (mean.to(images.device), (1.0 / std).to(images.device))
             images = images.float().sub_(device_scale[0]).mul_(device_scale[1])
         if counter is not None:
             counter.add(batch["valid"])

@@ -154,11 +154,14 @@ def decode_crop(
     return out
 
 
-def normalize(images: np.ndarray, mean, std) -> np.ndarray:
-    """uint8 [B, 3, H, W] -> float32 [B, 3, H, W], (x / 255 - mean) / std."""
-    out = images.astype(np.float32)
-    out -= (np.asarray(mean, dtype=np.float32) * 255).reshape(1, 3, 1, 1)
-    out *= (1.0 / (np.asarray(std, dtype=np.float32) * 255)).reshape(1, 3, 1, 1)
+def normalize(images: np.ndarray, mean, std, out: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [B, 3, H, W] -> float32 [B, 3, H, W], (x / 255 - mean) / std, written into
+    `out` when given. Computed as x * (1 / (255 std)) - mean / std: two passes over the
+    float array."""
+    mean = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
+    out = np.multiply(images, 1.0 / (std * 255), out=out, dtype=np.float32)
+    out -= mean / std
     return out
 
 
