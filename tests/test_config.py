@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vit_core.config import ConfigError, flatten, load_config
-from vit_core.train.config import PretrainConfig
+from vit_core.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ROOT / "pipelines" / "configs"
@@ -15,22 +15,22 @@ PRESETS = ROOT / "pipelines" / "configs"
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.yaml")))
 def test_every_preset_loads(preset):
-    cfg = load_config(PretrainConfig, PRESETS / preset)
+    cfg = load_config(TrainConfig, PRESETS / preset)
     assert cfg.train.global_batch_size > 0
 
 
 def test_paper_recipe_presets_hold_the_paper_values():
-    i21k = load_config(PretrainConfig, PRESETS / "vit_b16_i21k.yaml")
+    i21k = load_config(TrainConfig, PRESETS / "vit_b16_i21k.yaml")
     assert (i21k.optim.name, i21k.optim.lr, i21k.optim.weight_decay) == ("adam", 1e-3, 0.03)
     assert (i21k.optim.warmup_steps, i21k.optim.schedule) == (10000, "linear")
     assert (i21k.train.global_batch_size, i21k.model.drop_rate, i21k.model.img_size) == (4096, 0.1, 224)
-    i1k = load_config(PretrainConfig, PRESETS / "vit_b16_i1k.yaml")
+    i1k = load_config(TrainConfig, PRESETS / "vit_b16_i1k.yaml")
     assert (i1k.optim.lr, i1k.optim.schedule, i1k.optim.weight_decay) == (3e-3, "cosine", 0.3)
 
 
 def test_dotted_overrides_are_typed():
     cfg = load_config(
-        PretrainConfig,
+        TrainConfig,
         PRESETS / "digits_tiny.yaml",
         ["optim.lr=3e-4", "train.epochs=2", "scaling.use_gpu=true", "optim.betas=[0.9, 0.95]"],
     )
@@ -42,7 +42,7 @@ def test_dotted_overrides_are_typed():
 
 
 def test_int_is_accepted_where_a_float_is_expected():
-    assert load_config(PretrainConfig, None, ["optim.lr=1"]).optim.lr == 1.0
+    assert load_config(TrainConfig, None, ["optim.lr=1"]).optim.lr == 1.0
 
 
 @pytest.mark.parametrize(
@@ -59,14 +59,14 @@ def test_int_is_accepted_where_a_float_is_expected():
 )
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("'", "'")):
-        load_config(PretrainConfig, None, [override])
+        load_config(TrainConfig, None, [override])
 
 
 def test_unknown_key_in_a_preset_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochz: 3\n")
     with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key train\.epochz"):
-        load_config(PretrainConfig, bad)
+        load_config(TrainConfig, bad)
 
 
 def test_cli_prints_the_resolved_config_and_fails_cleanly():

@@ -16,7 +16,6 @@ from vit_core.config import (
     dump_yaml,
 )
 
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "pipelines" / "configs"
 # The embedded default's dataset is made from scikit-learn's digits when missing.
 EMBEDDED_DIGITS = "data/digits/v1"
 
@@ -24,8 +23,9 @@ EMBEDDED_DIGITS = "data/digits/v1"
 def user_errors() -> tuple[type[BaseException], ...]:
     from vit_core.data import DatasetError
     from vit_core.model import CheckpointError
+    from vit_core.track.registry import RegistryError
 
-    return (ConfigError, DatasetError, storage.StorageError, CheckpointError)
+    return (ConfigError, DatasetError, storage.StorageError, CheckpointError, RegistryError)
 
 
 def ensure_embedded_dataset(location: str, image_size: int) -> None:
@@ -43,12 +43,15 @@ def run_cli(
     config_class: type,
     run: Callable,
     default_preset: str,
+    presets_dir: Path,
 ) -> int:
-    """Parse the config, prepare the embedded default if chosen, run the job."""
+    """Parse the config (presets by name from `presets_dir`, which the job script passes
+    down: the library never reaches into pipelines/), prepare the embedded default if
+    chosen, run the job."""
     add_config_arguments(parser, default_preset)
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_args(config_class, args, PRESETS_DIR)
+        cfg = config_from_args(config_class, args, presets_dir)
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0

@@ -1,6 +1,6 @@
 """Typed job configs: dataclasses loaded from YAML presets, overridden with dotted keys.
 
-    cfg = load_config(PretrainConfig, "pipelines/configs/digits_tiny.yaml",
+    cfg = load_config(TrainConfig, "pipelines/configs/digits_tiny.yaml",
                       overrides=["train.lr=3e-4", "data.batch_size=64"])
 
 An unknown key or a value of the wrong type raises ConfigError naming the key.

@@ -32,6 +32,8 @@ class DataConfig:
     hflip: float = 0.0  # probability of a horizontal flip
     # Evaluation: resize the shorter side to image_size / eval_crop_pct, centre crop.
     eval_crop_pct: float = 1.0
+    # Resampling filter of the crop's resize, train and eval alike (PIL's names).
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
     randaugment: str | None = None  # timm config string, e.g. "rand-m9-mstd0.5"
     mixup: float = 0.0  # Mixup alpha (0: off); applied on the batch by mixup_fn
     cutmix: float = 0.0  # CutMix alpha (0: off)

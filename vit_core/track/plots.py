@@ -69,3 +69,28 @@ def attention_png(images: np.ndarray, maps: np.ndarray, captions: list[str]) -> 
         for ax in axes[:, i]:
             ax.axis("off")
     return _png(fig)
+
+
+def reliability_png(confidence: np.ndarray, accuracy: np.ndarray, count: np.ndarray,
+                    title: str) -> bytes:  # fmt: skip
+    """A reliability diagram (Guo et al. 2017, fig. 1): per confidence bin, the accuracy
+    as a bar against the diagonal of perfect calibration, with the bins' counts below."""
+    bins = len(count)
+    edges = np.linspace(0, 1, bins + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    fig, (ax, ax_count) = plt.subplots(
+        2, 1, figsize=(4.2, 5.2), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
+    filled = count > 0
+    ax.bar(centres[filled], accuracy[filled], width=1 / bins, edgecolor="black", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    ax.plot(confidence[filled], accuracy[filled], "o", color="tab:red", ms=3, label="mean confidence")
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(title)
+    ax_count.bar(centres, count, width=1 / bins, color="grey")
+    ax_count.set_xlabel("confidence (top-1 probability)")
+    ax_count.set_ylabel("images")
+    ax_count.set_xlim(0, 1)
+    return _png(fig)

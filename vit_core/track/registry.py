@@ -1,8 +1,22 @@
-"""Registering a trained model: a pyfunc version of the registered model, with tags."""
+"""The MLflow model registry as the hand-off between training, evaluation and serving.
+
+Every registered version is an MLflow pyfunc (vit_core/track/classifier_model.py, logged
+as code: no pickle) with a signature (an `image` column of encoded bytes), an input
+example, and the model folder as its artifact: safetensors weights, config.json and
+preprocessing.json (the preprocessing contract). The weights' SHA-256 is recorded at
+registration, as a version tag and in the pyfunc's model_config, and checked whenever
+the version is loaded.
+
+    version = register_model(client, run_id, model_dir, "vit-digits", tags, alias="candidate")
+    path = download_weights("models:/vit-digits@champion")     # the verified model folder
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -10,6 +24,81 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 MODEL_CODE = Path(__file__).with_name("classifier_model.py")
+WEIGHTS_FILE = "model.safetensors"
+REGISTRATION_FILE = "registration.json"
+SHA_TAG = "weights_sha256"
+_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+
+
+class RegistryError(RuntimeError):
+    """A model URI that names nothing, or a version whose files do not match."""
+
+
+def check_model_name(name: str) -> None:
+    """MLflow's rule for registered model names, checked before any work starts.
+    Raises RegistryError."""
+    if not name.strip() or "/" in name or ":" in name:
+        raise RegistryError(
+            f"registered model name {name!r}: MLflow refuses names that are empty or contain "
+            "'/' or ':'"
+        )
+
+
+def weights_digest(model_dir: str | Path) -> str:
+    """SHA-256 (hex) of the model folder's weight file."""
+    h = hashlib.sha256()
+    with open(Path(model_dir) / WEIGHTS_FILE, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """models:/NAME@ALIAS or models:/NAME/VERSION -> (name, alias, version).
+    Raises RegistryError."""
+    m = _URI.match(uri)
+    if not m:
+        raise RegistryError(f"{uri!r} is not models:/NAME@ALIAS or models:/NAME/VERSION")
+    return m["name"], m["alias"], m["version"]
+
+
+def resolve_version(client: MlflowClient, uri: str):
+    """The ModelVersion a models:/ URI names now (an alias is read once, so a job keeps
+    one version even if the alias moves while it runs). Raises RegistryError."""
+    name, alias, version = parse_model_uri(uri)
+    try:
+        if alias:
+            return client.get_model_version_by_alias(name, alias)
+        return client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as err:
+        raise RegistryError(f"{uri}: no such registered model version ({err.message})") from None
+
+
+def _example_png() -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def signature():
+    """Input: an `image` column of encoded image bytes; output: the class index, its name
+    and probability, and the top-k classes and probabilities as JSON-friendly lists."""
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return mlflow.models.ModelSignature(
+        inputs=Schema([ColSpec("binary", "image")]),
+        outputs=Schema(
+            [
+                ColSpec("long", "class_index"),
+                ColSpec("string", "class_name"),
+                ColSpec("double", "probability"),
+                ColSpec("string", "top_k"),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("top_k", "long", 5)]),
+    )
 
 
 def register_model(
@@ -17,26 +106,58 @@ def register_model(
     run_id: str,
     model_dir: str | Path,
     name: str,
-    preprocessing: dict,
     tags: dict[str, str],
+    alias: str | None = None,
 ) -> str:
-    """Log `model_dir` (vit_core's safetensors format) as a pyfunc and register it.
+    """Log `model_dir` (vit_core's format with preprocessing.json) as a pyfunc of the run
+    and register it as a new version of `name`, tagged with `tags` and the weights'
+    SHA-256; give it `alias` if set. Returns the version number."""
+    import pandas as pd
 
-    Returns the new version number.
-    """
     import vit_core
 
+    digest = weights_digest(model_dir)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODEL_CODE),
+            artifacts={"model": str(model_dir)},
+            code_paths=[str(Path(vit_core.__file__).parent)],
+            signature=signature(),
+            input_example=pd.DataFrame({"image": [_example_png()]}),
+            model_config={SHA_TAG: digest, "registered_model": name},
+            # Listed, not inferred: inference would load the model a second time.
+            pip_requirements=["torch", "numpy", "pandas", "pillow", "safetensors"],
+        )
+    version = str(mlflow.register_model(info.model_uri, name, tags={**tags, SHA_TAG: digest}).version)
+    # The served model names its version when its weights fail the check; the version is
+    # known only now, so it joins the model's files after registration.
     with tempfile.TemporaryDirectory() as tmp:
-        pre_file = Path(tmp) / "preprocessing.json"
-        pre_file.write_text(json.dumps(preprocessing, indent=2))
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(MODEL_CODE),
-                artifacts={"model": str(model_dir), "preprocessing": str(pre_file)},
-                code_paths=[str(Path(vit_core.__file__).parent)],
-                # Listed, not inferred: inference would load the model a second time.
-                pip_requirements=["torch", "numpy", "pandas", "pillow", "safetensors"],
-            )
-    version = mlflow.register_model(info.model_uri, name, tags=tags)
-    return str(version.version)
+        record = Path(tmp) / REGISTRATION_FILE
+        record.write_text(json.dumps({"name": name, "version": version}))
+        client.log_model_artifact(info.model_id, str(record))
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return version
+
+
+def download_weights(uri: str, client: MlflowClient | None = None) -> Path:
+    """The model folder (weights, config.json, preprocessing.json) of the version a
+    models:/ URI names, downloaded and checked against the SHA-256 recorded at
+    registration. Raises RegistryError."""
+    client = client or MlflowClient()
+    mv = resolve_version(client, uri)
+    root = Path(tempfile.mkdtemp(prefix="vit-registry-"))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(root)
+        )
+    )
+    model_dir = local / "artifacts" / "model"
+    expected = mv.tags.get(SHA_TAG)
+    if expected and weights_digest(model_dir) != expected:
+        raise RegistryError(
+            f"registered model {mv.name} version {mv.version}: weights file {WEIGHTS_FILE} "
+            "changed after registration (its SHA-256 differs from the one recorded)"
+        )
+    return model_dir

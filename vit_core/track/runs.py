@@ -56,25 +56,107 @@ def log_config(client: MlflowClient, run_id: str, cfg: Any, extra: dict[str, Any
     client.log_text(run_id, dump_yaml(cfg), "config/resolved.yaml")
 
 
-class MetricLogger:
-    """Buffers metrics and sends them in batches, so logging costs the loop little."""
+class MetricWriter:
+    """Sends metrics to an MLflow run from a background thread, off the training loop.
 
-    def __init__(self, uri: str, run_id: str, flush_every: int = 50) -> None:
+    `stage` holds metrics until `commit` releases them: a trainer commits once the
+    checkpoint that covers those steps is safe, so a run resumed from that checkpoint
+    never logs a step twice. Released metrics go out in step order, in batches; while
+    the tracking server is unreachable they wait (one line says so) and are retried, so
+    a slow or absent server never stalls a step. If more than `max_pending` wait, the
+    oldest are dropped and counted (`dropped`), and `close` reports what never left.
+    """
+
+    def __init__(self, uri: str, run_id: str, max_pending: int = 200_000) -> None:
+        import collections
+        import threading
+
         self.client = MlflowClient(uri)
         self.run_id = run_id
-        self.flush_every = flush_every
-        self.pending: list[Metric] = []
+        self.max_pending = max_pending
+        self.dropped = 0
+        self._staged: list[Metric] = []
+        self._queue: collections.deque[Metric] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        self._busy = False
+        self._thread = threading.Thread(target=self._send_loop, name="mlflow-metrics", daemon=True)
+        self._thread.start()
+
+    def stage(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self._staged.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+
+    def commit(self) -> None:
+        with self._wake:
+            self._queue.extend(self._staged)
+            overflow = len(self._queue) - self.max_pending
+            for _ in range(max(0, overflow)):
+                self._queue.popleft()
+            self.dropped += max(0, overflow)
+            self._wake.notify()
+        self._staged = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self.pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
-        if len(self.pending) >= self.flush_every:
-            self.flush()
+        """Stage and commit at once (metrics that no checkpoint has to cover)."""
+        self.stage(metrics, step)
+        self.commit()
 
-    def flush(self) -> None:
-        for start in range(0, len(self.pending), 500):
-            self.client.log_batch(self.run_id, metrics=self.pending[start : start + 500])
-        self.pending.clear()
+    def _send_loop(self) -> None:
+        outage_since = None
+        while True:
+            with self._wake:
+                while not self._queue and not self._closing:
+                    self._wake.wait()
+                if not self._queue:
+                    return
+                batch = [self._queue[i] for i in range(min(500, len(self._queue)))]
+                self._busy = True
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as err:  # any failure: the server is down, slow or refusing
+                if outage_since is None:
+                    outage_since = time.monotonic()
+                    print(f"MLflow unreachable, metrics wait and are retried ({type(err).__name__})",
+                          flush=True)  # fmt: skip
+                time.sleep(2.0)
+                continue
+            finally:
+                with self._wake:
+                    self._busy = False
+            if outage_since is not None:
+                print(f"MLflow reachable again after {time.monotonic() - outage_since:.0f} s",
+                      flush=True)  # fmt: skip
+                outage_since = None
+            with self._wake:
+                for _ in batch:
+                    self._queue.popleft()
+                self._wake.notify_all()
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Commit and wait until every released metric has left; False on timeout."""
+        self.commit()
+        deadline = time.monotonic() + timeout
+        with self._wake:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._wake.wait(min(left, 1.0))
+        return True
+
+    def close(self, timeout: float = 120.0) -> int:
+        """Flush, stop the sender, and return how many metrics never reached MLflow."""
+        self.flush(timeout)
+        with self._wake:
+            self._closing = True
+            unsent = len(self._queue) + self.dropped
+            self._queue.clear()
+            self._wake.notify_all()
+        self._thread.join(timeout=30)
+        if unsent:
+            print(f"warning: {unsent} metrics never reached MLflow run {self.run_id}", flush=True)
+        return unsent
 
 
 def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -84,3 +166,14 @@ def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[in
 def set_tracking(uri: str) -> MlflowClient:
     mlflow.set_tracking_uri(uri)
     return MlflowClient(uri)
+
+
+def log_png(client: MlflowClient, run_id: str, png: bytes, name: str) -> None:
+    """Log PNG bytes as plots/<name> (through a file with an absolute path: a job's
+    working directory may already be cleaned up when the job ends)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(png)
+        client.log_artifact(run_id, str(path), "plots")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from vit_core import storage
+from vit_core.data.preprocessing import Preprocessing
 from vit_core.model import VisionTransformer, save_model
 
 MODEL_DIR = "model"
@@ -67,13 +68,17 @@ def save_training_state(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     progress: Progress,
     ema: nn.Module | None = None,
+    preprocessing: Preprocessing | None = None,
 ) -> Path:
-    """Write a checkpoint from gathered state (rank 0 only)."""
+    """Write a checkpoint from gathered state (rank 0 only); the model folder carries
+    `preprocessing` (the preprocessing contract) when given."""
     directory.mkdir(parents=True, exist_ok=True)
     # A fresh CPU model of the same config carries the gathered weights into save_model.
     cpu_model = VisionTransformer(config_model.config)
     cpu_model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()})
     save_model(cpu_model, directory / MODEL_DIR)
+    if preprocessing is not None:
+        preprocessing.save(directory / MODEL_DIR)
     state = {
         "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
@@ -145,3 +150,58 @@ def latest_stored_checkpoint(run_location: str) -> StoredCheckpoint | None:
         for uri in complete
     ]
     return max(steps, key=lambda c: c.step, default=None)
+
+
+class Checkpointer:
+    """A worker's side of checkpoints: `restore` finds the run's newest complete one on
+    storage and loads it; `save` gathers the state (every rank calls it), writes it on
+    rank 0, hands it to Ray Train with the metrics (which uploads it under the run's
+    location), and keeps a copy of the weights as `best_model/` when asked.
+
+    Resuming reads storage rather than `ray.train.get_checkpoint()` alone: see
+    latest_stored_checkpoint.
+    """
+
+    def __init__(
+        self, run_location: str, rank: int, model, optimizer, scheduler, ema=None,
+        preprocessing: Preprocessing | None = None,
+    ) -> None:  # fmt: skip
+        self.run_location = run_location
+        self.preprocessing = preprocessing
+        self.best_model_uri = storage.join(run_location, "best_model")
+        self.rank = rank
+        self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
+
+    def restore(self) -> tuple[Progress, str | None]:
+        """(progress, the checkpoint URI restored from, or None for a fresh start)."""
+        from vit_core.train.distributed import from_rank0
+
+        found = latest_stored_checkpoint(self.run_location) if self.rank == 0 else None
+        found = from_rank0(found)
+        if found is None:
+            return Progress(), None
+        directory = storage.materialize(found.uri)
+        progress = load_training_state(
+            directory, self.model, self.optimizer, self.scheduler, self.ema
+        )
+        return progress, found.uri
+
+    def save(self, progress: Progress, metrics: dict, best: bool) -> None:
+        """Checkpoint `progress` with `metrics` reported to Ray Train; returns once the
+        checkpoint is on storage."""
+        import tempfile
+
+        import ray.train
+
+        weights, optim_state = gather_state(self.model, self.optimizer)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                save_training_state(
+                    Path(tmp), unwrap(self.model), weights, optim_state, self.scheduler,
+                    progress, self.ema, self.preprocessing,
+                )  # fmt: skip
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                if best:
+                    storage.upload_dir(Path(tmp) / MODEL_DIR, self.best_model_uri)
+            ray.train.report(metrics, checkpoint=checkpoint)

@@ -1,4 +1,6 @@
-"""The training job's typed config: one section per part of the trainer."""
+"""The training job's typed config, shared by pretraining and fine-tuning: one section
+per part of the trainer. The two jobs differ only in their presets (pipelines/configs/),
+as nanoGPT's fine-tuning is a config of its training script."""
 
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from vit_core.data import DataConfig
 
 @dataclass
 class ModelSection:
-    name: str = "vit_ti16"  # a vit_core.create_model name
+    # A vit_core.create_model name; None takes the architecture from `init_from`.
+    name: str | None = "vit_ti16"
     img_size: int = 224
     # None keeps the named variant's value; set them for a custom small model.
     patch_size: int | None = None
@@ -23,7 +26,15 @@ class ModelSection:
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0
     grad_checkpointing: bool = False
-    init_from: str | None = None  # a checkpoint (timm, HF, JAX .npz, ours) to start from
+    # Weights to start from: models:/NAME@ALIAS or models:/NAME/VERSION (the registry), a
+    # training run's checkpoint or best_model URI, or a timm / transformers / JAX .npz
+    # file; local or s3://.
+    init_from: str | None = None
+    # Fine-tuning (paper section 3.2): drop the whole pretraining head and put a single
+    # zero-initialised linear layer for the dataset's classes in its place.
+    replace_head: bool = False
+    # Linear probe: train the head only, the backbone frozen.
+    freeze_backbone: bool = False
 
 
 @dataclass
@@ -38,17 +49,25 @@ class OptimSection:
     min_lr: float = 0.0
     clip_grad_norm: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.0  # 0 disables the Polyak/EMA copy of the weights
+    # Layer-wise learning-rate decay (BEiT, timm's layer_decay): block i of L gets
+    # lr * layer_decay ** (L - i), the embeddings lr * layer_decay ** (L + 1). 1 disables.
+    layer_decay: float = 1.0
 
 
 @dataclass
 class TrainSection:
     epochs: int = 10
+    # A step budget (optimiser steps) instead of epochs, as the paper's fine-tuning
+    # recipes give (Table 4: 10k for CIFAR, 500 for Pets/Flowers). 0: use epochs.
+    steps: int = 0
     global_batch_size: int = 4096  # the recipe's batch, reached with gradient accumulation
     micro_batch_size: int = 64  # per worker per forward pass
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     compile: bool = False
     seed: int = 0
     log_every_steps: int = 10
+    # Validate every this many steps as well as at every epoch end (0: epoch ends only).
+    eval_every_steps: int = 0
 
 
 @dataclass
@@ -73,10 +92,12 @@ class TrackingSection:
     experiment: str = "vit-pretrain"
     registered_model: str = "vit-pretrain"
     register: bool = True
+    # An alias the new version gets (fine-tuning: "candidate", for promote.py).
+    alias: str | None = None
 
 
 @dataclass
-class PretrainConfig:
+class TrainConfig:
     run_name: str = "vit-pretrain"
     # Where runs keep checkpoints: s3://bucket/prefix or a local directory.
     storage: str = "runs"

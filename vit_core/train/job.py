@@ -1,36 +1,36 @@
-"""The driver side of a training job: validate inputs, open the MLflow run, hand the
-per-worker loop to Ray Train, then register the result and log its pictures."""
+"""The driver side of a training job (pretraining and fine-tuning alike): check every
+input before any worker starts, open the MLflow run, hand the per-worker loop to Ray
+Train, then register the result in the model registry."""
 
 from __future__ import annotations
 
+import hashlib
 import platform
-import shutil
-import tempfile
+import re
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import ray
 import ray.train
 import torch
 from ray.train.torch import TorchTrainer
 
 from vit_core import cluster, storage
-from vit_core.config import ConfigError, to_dict
-from vit_core.data import DatasetIndex, build_dataset, iter_train_batches, open_dataset
-from vit_core.model import create_model
-from vit_core.track import plots
-from vit_core.track.registry import register_model
-from vit_core.track.runs import (
-    log_config,
-    metric_history,
-    set_tracking,
-    start_or_resume_run,
-    tracking_uri,
-)
-from vit_core.train.checkpoint import MODEL_DIR, latest_stored_checkpoint, read_progress
-from vit_core.train.config import PretrainConfig
-from vit_core.train.loop import parallel_strategy, train_loop_per_worker
+from vit_core.config import ConfigError, dump_yaml
+from vit_core.data import DatasetIndex, build_dataset, open_dataset
+from vit_core.model import CheckpointError
+from vit_core.track.registry import check_model_name, register_model
+from vit_core.track.runs import log_config, set_tracking, start_or_resume_run, tracking_uri
+from vit_core.train.checkpoint import MODEL_DIR, latest_stored_checkpoint
+from vit_core.train.config import TrainConfig
+from vit_core.train.loop import WorkerSpec, train_loop_per_worker
+from vit_core.train.model_setup import build_model, fetch_weights, parallel_strategy
+from vit_core.train.step import BatchPlan
+
+# Run names become storage prefixes and MLflow tags: no path separators or dot-dot.
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass
@@ -42,56 +42,130 @@ class TrainingOutcome:
     registered_version: str | None
 
 
-def run_location(cfg: PretrainConfig) -> str:
-    """Where the run keeps what outlives Ray's checkpoints (the best model)."""
+@dataclass
+class CheckedInputs:
+    """What the driver resolved: the dataset's index, the step budget, the starting
+    weights pinned to one version, and their lineage for the registry."""
+
+    index: DatasetIndex
+    plan: BatchPlan
+    init_weights: str | None
+    lineage: dict[str, str]
+
+
+def run_location(cfg: TrainConfig) -> str:
+    """Where the run keeps its checkpoints and best model: <storage>/<run_name>."""
     root = cfg.storage if storage.is_remote(cfg.storage) else str(Path(cfg.storage).absolute())
     return storage.join(root, cfg.run_name)
 
 
-def run_pretraining(cfg: PretrainConfig) -> TrainingOutcome:
-    # Inputs are checked before any worker starts: a bad dataset fails here, clearly.
+def check_inputs(cfg: TrainConfig) -> CheckedInputs:
+    """Everything that can be checked before a worker starts, each fault one line naming
+    what the user typed: run name, registered model name, model config against the image
+    size, the dataset, and the starting weights' format and shapes. Raises ConfigError,
+    DatasetError, CheckpointError, RegistryError, StorageError."""
+    if not _RUN_NAME.match(cfg.run_name):
+        raise ConfigError(
+            f"run_name {cfg.run_name!r}: use letters, digits, '.', '_' and '-' (it names a "
+            "storage prefix and an MLflow tag)"
+        )
+    if cfg.tracking.register:
+        check_model_name(cfg.tracking.registered_model)
     if parallel_strategy(cfg) == "fsdp" and cfg.optim.ema_decay > 0:
         raise ConfigError("optim.ema_decay: an EMA copy of the weights is not supported with FSDP")
+    if cfg.data.image_size != cfg.model.img_size:
+        raise ConfigError(
+            f"data.image_size {cfg.data.image_size} differs from model.img_size "
+            f"{cfg.model.img_size}: the model is fed the images the data section makes"
+        )
     index = open_dataset(cfg.data.location)
+    init_weights, lineage = resolve_init(cfg.model.init_from)
+    check_model(cfg, index.num_classes, init_weights)
+    plan = BatchPlan.of(cfg, index.num_samples("train"), cfg.scaling.num_workers)
+    return CheckedInputs(index, plan, init_weights, lineage)
+
+
+def resolve_init(init_from: str | None) -> tuple[str | None, dict[str, str]]:
+    """models:/NAME@ALIAS pinned to models:/NAME/VERSION (every worker and restart loads
+    the same version even if the alias moves), with lineage tags."""
+    if init_from is None:
+        return None, {}
+    if init_from.startswith("models:/"):
+        from mlflow.tracking import MlflowClient
+
+        from vit_core.track.registry import resolve_version
+
+        set_tracking(tracking_uri())
+        mv = resolve_version(MlflowClient(), init_from)
+        return f"models:/{mv.name}/{mv.version}", {
+            "base_model": mv.name,
+            "base_model_version": str(mv.version),
+        }
+    return init_from, {"base_weights": init_from}
+
+
+def check_model(cfg: TrainConfig, num_classes: int, init_weights: str | None) -> None:
+    """Build the model once on the meta device (no memory for weights) from the starting
+    checkpoint: a config the image size does not fit, or weights that cannot be read
+    safely or do not fit, fail here instead of in every worker."""
+    try:
+        weights = fetch_weights(init_weights)
+        with torch.device("meta"):
+            build_model(cfg.model, num_classes, weights)
+    except CheckpointError as err:
+        raise CheckpointError(f"model.init_from {cfg.model.init_from}: {err}") from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"model: {err}") from None
+
+
+def config_digest(cfg: TrainConfig) -> str:
+    return hashlib.sha256(dump_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def run_training(cfg: TrainConfig) -> TrainingOutcome:
+    """Train (or go on training) the run `cfg.run_name`, then register its model. A run
+    that already reached its step budget is not trained again: its registered version is
+    reported (or registered, if it never was)."""
+    inputs = check_inputs(cfg)
+    index, plan = inputs.index, inputs.plan
+    location = run_location(cfg)
     cluster.connect()
     uri = tracking_uri()
     client = set_tracking(uri)
     run_id, resumed = start_or_resume_run(client, cfg.tracking.experiment, cfg.run_name)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {redact(uri)}")
-    log_config(
-        client,
-        run_id,
-        cfg,
-        {
-            "version.ray": ray.__version__,
-            "version.torch": torch.__version__,
-            "version.python": platform.python_version(),
-            "cluster.num_workers": cfg.scaling.num_workers,
-            "cluster.num_gpus": cfg.scaling.num_workers if cfg.scaling.use_gpu else 0,
-            "data.num_classes": index.num_classes,
-            "data.num_train": index.num_samples("train"),
-        },
-    )
-
-    location = run_location(cfg)
-    best_model_uri = storage.join(location, "best_model")
     latest = latest_stored_checkpoint(location)
+    if latest is not None and latest.step >= plan.total_steps:
+        return finished_run(cfg, client, run_id, latest, inputs)
     if latest is not None:
         print(f"resuming run {cfg.run_name} from step {latest.step} ({latest.uri})", flush=True)
+    log_config(client, run_id, cfg, {
+        "version.ray": ray.__version__,
+        "version.torch": torch.__version__,
+        "version.python": platform.python_version(),
+        "cluster.num_workers": cfg.scaling.num_workers,
+        "cluster.num_gpus": cfg.scaling.num_workers if cfg.scaling.use_gpu else 0,
+        "data.num_classes": index.num_classes,
+        "data.num_train": index.num_samples("train"),
+        "train.total_steps": plan.total_steps,
+        **{f"lineage.{k}": v for k, v in inputs.lineage.items()},
+    })  # fmt: skip
+    spec = WorkerSpec(
+        cfg=cfg,
+        num_classes=index.num_classes,
+        class_names=index.class_names,
+        num_train=index.num_samples("train"),
+        run_location=location,
+        init_weights=inputs.init_weights,
+        tracking_uri=uri,
+        mlflow_run_id=run_id,
+    )
     fs, path = storage.pyarrow_filesystem(cfg.storage)
     if not storage.is_remote(cfg.storage):
         Path(path).mkdir(parents=True, exist_ok=True)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "cfg": to_dict(cfg),
-            "num_classes": index.num_classes,
-            "num_train": index.num_samples("train"),
-            "mlflow_run_id": run_id,
-            "tracking_uri": uri,
-            "best_model_uri": best_model_uri,
-            "run_location": location,
-        },
+        train_loop_config={"spec": spec},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -106,52 +180,92 @@ def run_pretraining(cfg: PretrainConfig) -> TrainingOutcome:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
         datasets={
-            "train": build_dataset(cfg.data, "train", train=True),
-            "val": build_dataset(cfg.data, "val", train=False),
+            "train": build_dataset(cfg.data, "train", train=True, index=index),
+            "val": build_dataset(cfg.data, "val", train=False, index=index),
         },
     )
-    result = trainer.fit()
-    checkpoint = result.checkpoint
-    if checkpoint is None:
+    with mark_run_on_exit(client, run_id):
+        result = trainer.fit()
+    latest = latest_stored_checkpoint(location)
+    if latest is None:
         raise RuntimeError(f"training run {cfg.run_name} finished without a checkpoint")
-    checkpoint_uri = full_uri(cfg.storage, checkpoint.path)
-    with checkpoint.as_directory() as directory:
-        model_dir = Path(tempfile.mkdtemp(prefix="vit-final-")) / MODEL_DIR
-        shutil.copytree(Path(directory) / MODEL_DIR, model_dir)
-        progress = read_progress(Path(directory))
-
-    log_pictures(client, run_id, cfg, index, model_dir)
-    version = None
-    if cfg.tracking.register:
-        version = register_model(
-            client,
-            run_id,
-            model_dir,
-            cfg.tracking.registered_model,
-            preprocessing={
-                "class_names": index.class_names,
-                "image_size": cfg.model.img_size,
-                "mean": list(cfg.data.mean),
-                "std": list(cfg.data.std),
-            },
-            tags={
-                "dataset": cfg.data.location,
-                "dataset_version": index.version,
-                "checkpoint_uri": checkpoint_uri,
-                "best_model_uri": best_model_uri,
-                "run_name": cfg.run_name,
-            },
-        )
-        print(f"registered {cfg.tracking.registered_model} version {version}")
+    metrics = dict(result.metrics or {})
+    version = register(cfg, client, run_id, latest.uri, inputs, metrics)
     client.set_terminated(run_id)
-    return TrainingOutcome(run_id, checkpoint_uri, progress.step, dict(result.metrics), version)
+    return TrainingOutcome(run_id, latest.uri, latest.step, metrics, version)
 
 
-def full_uri(storage_root: str, checkpoint_path: str) -> str:
-    """Ray reports checkpoint paths without the s3:// scheme when given a filesystem."""
-    if storage.is_remote(storage_root) and not checkpoint_path.startswith("s3://"):
-        return f"s3://{checkpoint_path.lstrip('/')}"
-    return checkpoint_path
+def finished_run(cfg, client, run_id: str, latest, inputs: CheckedInputs) -> TrainingOutcome:
+    """A run submitted again after it reached its step budget: nothing is trained; its
+    registered version is reported, or its final checkpoint registered if it never was.
+    To train further, raise train.epochs or train.steps; to train anew, use a new run_name."""
+    found = client.search_model_versions(
+        f"name='{cfg.tracking.registered_model}' and tags.run_name='{cfg.run_name}'"
+    ) if cfg.tracking.register else []  # fmt: skip
+    if found:
+        version = str(max(int(v.version) for v in found))
+        print(
+            f"run {cfg.run_name} already finished at step {latest.step} and is registered as "
+            f"{cfg.tracking.registered_model} version {version}; nothing to do (raise "
+            "train.epochs or train.steps to extend it, or use a new run_name to retrain)",
+            flush=True,
+        )
+    else:
+        print(f"run {cfg.run_name} already finished at step {latest.step}", flush=True)
+        version = register(cfg, client, run_id, latest.uri, inputs, {})
+    client.set_terminated(run_id)
+    return TrainingOutcome(run_id, latest.uri, latest.step, {}, version)
+
+
+def register(cfg, client, run_id: str, checkpoint_uri: str, inputs: CheckedInputs,
+             metrics: dict) -> str | None:  # fmt: skip
+    """Register the checkpoint's model with its lineage and final validation metrics."""
+    if not cfg.tracking.register:
+        return None
+    model_dir = storage.materialize(storage.join(checkpoint_uri, MODEL_DIR))
+    tags = {
+        "dataset": cfg.data.location,
+        "dataset_version": inputs.index.version,
+        "checkpoint_uri": checkpoint_uri,
+        "best_model_uri": storage.join(run_location(cfg), "best_model"),
+        "run_name": cfg.run_name,
+        "mlflow_run_id": run_id,
+        "config_sha256": config_digest(cfg),
+        **inputs.lineage,
+        **{k.replace("/", "_"): f"{v:.6g}" for k, v in metrics.items() if k.startswith("val/")},
+    }
+    version = register_model(client, run_id, model_dir, cfg.tracking.registered_model, tags,
+                             alias=cfg.tracking.alias)  # fmt: skip
+    alias = f" (alias {cfg.tracking.alias})" if cfg.tracking.alias else ""
+    print(f"registered {cfg.tracking.registered_model} version {version}{alias}")
+    return version
+
+
+class mark_run_on_exit:
+    """Marks the MLflow run FAILED when training raises, KILLED when the job is stopped
+    (Ray's job stop sends SIGTERM to the driver), so no run is left RUNNING."""
+
+    def __init__(self, client, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+
+    def __enter__(self):
+        self.previous = signal.getsignal(signal.SIGTERM)
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set signal handlers
+
+        def stopped(signum, frame):
+            self.client.set_terminated(self.run_id, "KILLED")
+            raise SystemExit(143)
+
+        signal.signal(signal.SIGTERM, stopped)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.previous)
+        if exc_type is not None and not issubclass(exc_type, SystemExit):
+            self.client.set_terminated(self.run_id, "FAILED")
+        return False
 
 
 def redact(uri: str) -> str:
@@ -162,60 +276,15 @@ def redact(uri: str) -> str:
     return uri
 
 
-def log_pictures(
-    client, run_id: str, cfg: PretrainConfig, index: DatasetIndex, model_dir: Path
-) -> None:
-    """Learning curves, the validation confusion matrix and attention maps, as PNGs."""
-    curves = {
-        key: metric_history(client, run_id, key) for key in ("train/loss", "train/lr", "val/top1")
-    }
-    log_png(client, run_id, plots.curves_png(curves, cfg.run_name), "curves.png")
 
-    model = create_model(checkpoint=model_dir).eval()
-    n = index.num_classes
-    matrix = np.zeros((n, n), dtype=np.int64)
-    samples: list[tuple[torch.Tensor, int, int]] = []
-    val = build_dataset(cfg.data, "val", train=False).iterator()
-    with torch.no_grad():
-        for images, labels, valid in iter_train_batches(val, 256, torch.device("cpu"), train=False):
-            keep = valid.bool()
-            images, labels = images[keep], labels[keep]
-            predicted = model(images).argmax(-1)
-            np.add.at(matrix, (labels.numpy(), predicted.numpy()), 1)
-            if len(samples) < 6:
-                samples += list(
-                    zip(images[:6], labels[:6].tolist(), predicted[:6].tolist(), strict=True)
-                )
-    log_png(
-        client,
-        run_id,
-        plots.confusion_matrix_png(matrix, index.class_names, "validation"),
-        "confusion_matrix.png",
+def training_cli(doc: str, argv: list[str] | None, default_preset: str, presets: Path) -> int:
+    """The command line of pipelines/pretrain.py and pipelines/finetune.py: one job, two
+    default presets."""
+    import argparse
+
+    from vit_core.cli import run_cli
+
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    samples = samples[:6]
-    if samples:
-        batch = torch.stack([s[0] for s in samples])
-        last = model.get_attention_maps(batch)[-1]  # [B, heads, N, N]
-        grid = model.config.grid_size
-        cls_attention = last.mean(1)[:, 0, model.num_prefix_tokens :].reshape(-1, *grid)
-        mean = torch.tensor(cfg.data.mean).view(3, 1, 1)
-        std = torch.tensor(cfg.data.std).view(3, 1, 1)
-        pixels = [((img * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()) for img in batch]
-        captions = [
-            f"true {index.class_names[t]} / pred {index.class_names[p]}" for _, t, p in samples
-        ]
-        log_png(
-            client,
-            run_id,
-            plots.attention_png(np.stack(pixels), cls_attention.numpy(), captions),
-            "attention.png",
-        )
-
-
-def log_png(client, run_id: str, png: bytes, name: str) -> None:
-    """Log PNG bytes as plots/<name> (through a file with an absolute path: a job's
-    working directory may already be cleaned up when the job ends)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        path.write_bytes(png)
-        client.log_artifact(run_id, str(path), "plots")
+    return run_cli(parser, argv, TrainConfig, run_training, default_preset, presets)
