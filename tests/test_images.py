@@ -5,6 +5,8 @@ Inputs are generated here: 16-bit and float ramps, EXIF-rotated JPEGs, transpare
 from __future__ import annotations
 
 import io
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,32 @@ def test_16_bit_ramp_keeps_every_grey_level(mode, fmt):
     img = open_image(data)
     assert img.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(img), expected)
+    np.testing.assert_array_equal(crop(data, 256), expected)
+
+
+def png_48_bit(rgb: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG, written by hand: PIL cannot write one."""
+    height, width, _ = rgb.shape
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in rgb)
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)  # 16 bits, truecolour
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )  # fmt: skip
+
+
+def test_48_bit_png_keeps_every_level():
+    # PIL reads it as 8-bit RGB itself (high bytes); this pins that.
+    ramp = RAMP_8.astype(np.uint16) * 257
+    data = png_48_bit(np.dstack([ramp, 65535 - ramp, ramp]))
+    expected = np.dstack([RAMP_8, 255 - RAMP_8, RAMP_8])
+    np.testing.assert_array_equal(np.asarray(open_image(data)), expected)
     np.testing.assert_array_equal(crop(data, 256), expected)
 
 
