@@ -12,7 +12,8 @@ reader, the served model) goes through here, so a sample looks the same everywhe
 - Transparency (modes RGBA, LA, PA, RGBa, La, or a transparent colour: PNG tRNS, GIF) is
   composited over BACKGROUND, white, as browsers and most viewers show it.
 
-Imports only PIL and numpy (the served model imports this without torch or ray).
+This module imports only PIL and numpy, and importing it (with its package, vit_core.data)
+loads neither torch nor ray: the served model imports it.
 """
 
 from __future__ import annotations
