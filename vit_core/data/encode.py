@@ -1,6 +1,9 @@
 """How a source image is stored in a shard: its original bytes when they are JPEG, PNG or
-WebP and no re-encoding was asked for; otherwise decoded and written again (resized so the
-longer side is at most max_side, as JPEG at jpeg_quality). Pixel sources become PNG.
+WebP and no re-encoding was asked for (the reader decodes them as vit_core.data.images
+shows them); otherwise decoded as a viewer shows it (upright, 8-bit, transparency over
+white: vit_core.data.images.viewable) and written again, without EXIF: resized so the
+longer side is at most max_side, as JPEG at jpeg_quality, or, with no re-encoding asked
+for, as PNG. Pixel sources become PNG.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from vit_core import storage
+from vit_core.data.images import draft_upright, viewable
 from vit_core.data.sources import SourceSample
 
 KEPT_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -43,8 +47,6 @@ def _shrink(img: Image.Image, max_side: int | None) -> Image.Image:
 def _save(img: Image.Image, fmt: str, quality: int | None) -> bytes:
     out = io.BytesIO()
     if fmt == "jpg":
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("RGB")
         img.save(out, "JPEG", quality=quality or DEFAULT_JPEG_QUALITY, optimize=False)
     else:
         img.save(out, "PNG", compress_level=6)
@@ -52,7 +54,7 @@ def _save(img: Image.Image, fmt: str, quality: int | None) -> bytes:
 
 
 def encode_pixels(pixels: np.ndarray, options: EncodeOptions) -> tuple[bytes, str]:
-    img = Image.fromarray(np.ascontiguousarray(pixels))
+    img = viewable(Image.fromarray(np.ascontiguousarray(pixels)))
     if options.reencode:
         return _save(_shrink(img, options.max_side), "jpg", options.jpeg_quality), "jpg"
     return _save(img, "png", None), "png"
@@ -62,10 +64,12 @@ def encode_bytes(data: bytes, options: EncodeOptions) -> tuple[bytes, str]:
     try:
         img = Image.open(io.BytesIO(data))
         fmt = img.format
-        if options.reencode and fmt == "JPEG" and options.max_side:
+        if options.reencode and options.max_side:
             # Decode at a reduced scale when the file is far larger than needed.
-            img.draft("RGB", (options.max_side, options.max_side))
-        img.load()  # a full decode: truncated files fail here, not at training time
+            draft_upright(img, (options.max_side, options.max_side))
+        # A full decode, as the reader will do it: truncated files fail here, not at
+        # training time.
+        shown = viewable(img)
     except (
         UnidentifiedImageError,
         OSError,
@@ -77,12 +81,8 @@ def encode_bytes(data: bytes, options: EncodeOptions) -> tuple[bytes, str]:
     if not options.reencode and fmt in KEPT_FORMATS:
         return data, KEPT_FORMATS[fmt]
     if options.reencode:
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("RGB")
-        return _save(_shrink(img, options.max_side), "jpg", options.jpeg_quality), "jpg"
-    if img.mode not in ("L", "RGB", "RGBA"):
-        img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
-    return _save(img, "png", None), "png"  # BMP, GIF, TIFF...: stored losslessly
+        return _save(_shrink(shown, options.max_side), "jpg", options.jpeg_quality), "jpg"
+    return _save(shown, "png", None), "png"  # BMP, GIF, TIFF...: stored losslessly
 
 
 def encode_sample(sample: SourceSample, options: EncodeOptions) -> tuple[bytes, str]:

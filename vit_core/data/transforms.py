@@ -3,11 +3,13 @@
 Train: random resized crop (torchvision's sampling of area and aspect ratio), optional
 RandAugment (timm's, on the PIL crop), horizontal flip; eval: resize the shorter side to
 image_size / eval_crop_pct and centre crop. Both are one PIL `resize(box=...)` call on the
-decoded image: the crop and the resize happen together, in C. JPEGs are first decoded at
-1/2, 1/4 or 1/8 scale (`draft`) whenever the crop still covers image_size pixels there,
-which is most of the saving on large photos. Rows leave as uint8 [3, S, S]: a quarter of
-the bytes of float32 through the object store and the batching; the loader normalises
-whole batches on the train worker's device (or, with normalize_on="dataset", here).
+decoded image (decoded by vit_core.data.images as a viewer shows it: upright, 8-bit,
+transparency over white): the crop and the resize happen together, in C. JPEGs are first
+decoded at 1/2, 1/4 or 1/8 scale (`draft`) whenever the crop still covers image_size
+pixels there, which is most of the saving on large photos. Rows leave as uint8 [3, S, S]:
+a quarter of the bytes of float32 through the object store and the batching; the loader
+normalises whole batches on the train worker's device (or, with normalize_on="dataset",
+here).
 
 A row that cannot be used (undecodable payload, missing or out-of-range label, or an error
 the reader recorded) comes out with valid=False, a zero image and label 0, and a warning
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from vit_core.data.images import draft_upright, to_rgb, upright_size, viewable
 from vit_core.data.quality import report_bad_sample
 
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -117,29 +120,30 @@ def _randaugment(config: str, mean: tuple[float, ...], image_size: int):
 def decode_crop(
     data: bytes, spec: TransformSpec, rng, flip: bool = False, out: np.ndarray | None = None
 ) -> np.ndarray:
-    """Decode one encoded image and return its crop as uint8 [3, S, S] (written into `out`
-    when given)."""
+    """Decode one encoded image as vit_core.data.images shows it (upright, 8-bit, alpha
+    over its background) and return its crop as uint8 [3, S, S] (written into `out` when
+    given)."""
     size = spec.image_size
     img = Image.open(io.BytesIO(data))
-    width, height = img.size
+    width, height = upright_size(img)  # the crop is drawn on the image as a viewer shows it
     if spec.train:
         box = random_resized_crop_box(width, height, spec.scale, spec.ratio, rng)
     else:
         box = center_crop_box(width, height, spec.eval_crop_pct)
-    if img.format == "JPEG":
-        crop_w, crop_h = box[2] - box[0], box[3] - box[1]
-        # Ask for the smallest decode in which the crop still spans `size` pixels.
-        wanted = (
-            max(1, math.ceil(width * size / max(crop_w, 1e-6))),
-            max(1, math.ceil(height * size / max(crop_h, 1e-6))),
-        )
-        img.draft("RGB", wanted)
-        if img.size != (width, height):
-            fx, fy = img.size[0] / width, img.size[1] / height
-            box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    crop = img.resize((size, size), Image.BILINEAR, box=box)
+    crop_w, crop_h = box[2] - box[0], box[3] - box[1]
+    # Ask for the smallest decode in which the crop still spans `size` pixels.
+    wanted = (
+        max(1, math.ceil(width * size / max(crop_w, 1e-6))),
+        max(1, math.ceil(height * size / max(crop_h, 1e-6))),
+    )
+    draft_upright(img, wanted)
+    img = viewable(img)
+    if img.size != (width, height):
+        fx, fy = img.size[0] / width, img.size[1] / height
+        box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
+    # Grey images are resized in one band and widened afterwards: the same pixels, a third
+    # of the work.
+    crop = to_rgb(img.resize((size, size), Image.BILINEAR, box=box))
     if spec.train and spec.randaugment:
         crop = _randaugment(spec.randaugment, spec.mean, size)(crop)
     if crop.size != (size, size) or crop.mode != "RGB":
