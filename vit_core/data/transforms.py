@@ -45,6 +45,7 @@ class TransformSpec:
     ratio: tuple[float, float] = RATIO
     hflip: float = 0.0
     eval_crop_pct: float = 1.0
+    interpolation: str = "bilinear"  # PIL resampling filter of the crop's resize
     randaugment: str | None = None
     seed: int = 0
     normalize: bool = False  # float32 normalised rows instead of uint8 (see DataConfig)
@@ -61,6 +62,7 @@ class TransformSpec:
             scale=(cfg.scale_min, 1.0),
             hflip=cfg.hflip,
             eval_crop_pct=cfg.eval_crop_pct,
+            interpolation=cfg.interpolation,
             randaugment=cfg.randaugment,
             seed=cfg.seed,
             normalize=cfg.normalize_on == "dataset",
@@ -118,13 +120,24 @@ def _randaugment(config: str, mean: tuple[float, ...], image_size: int):
 
 
 def decode_crop(
-    data: bytes, spec: TransformSpec, rng, flip: bool = False, out: np.ndarray | None = None
+    data: bytes | Image.Image | np.ndarray,
+    spec: TransformSpec,
+    rng,
+    flip: bool = False,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Decode one encoded image as vit_core.data.images shows it (upright, 8-bit, alpha
-    over its background) and return its crop as uint8 [3, S, S] (written into `out` when
-    given)."""
+    """Decode one image (encoded bytes, a PIL image, or uint8 pixels [H, W, 3] / [H, W])
+    as vit_core.data.images shows it (upright, 8-bit, alpha over its background) and
+    return its crop as uint8 [3, S, S] (written into `out` when given): a random resized
+    crop when spec.train (drawn from the numpy Generator `rng`), else the centre crop of
+    spec.eval_crop_pct. Raises PIL's errors (or ValueError) for what cannot be decoded."""
     size = spec.image_size
-    img = Image.open(io.BytesIO(data))
+    if isinstance(data, Image.Image):
+        img = data
+    elif isinstance(data, np.ndarray):
+        img = Image.fromarray(data)
+    else:
+        img = Image.open(io.BytesIO(data))
     width, height = upright_size(img)  # the crop is drawn on the image as a viewer shows it
     if spec.train:
         box = random_resized_crop_box(width, height, spec.scale, spec.ratio, rng)
@@ -143,7 +156,8 @@ def decode_crop(
         box = (box[0] * fx, box[1] * fy, box[2] * fx, box[3] * fy)
     # Grey images are resized in one band and widened afterwards: the same pixels, a third
     # of the work.
-    crop = to_rgb(img.resize((size, size), Image.BILINEAR, box=box))
+    resample = Image.Resampling[spec.interpolation.upper()]
+    crop = to_rgb(img.resize((size, size), resample, box=box))
     if spec.train and spec.randaugment:
         crop = _randaugment(spec.randaugment, spec.mean, size)(crop)
     if crop.size != (size, size) or crop.mode != "RGB":
