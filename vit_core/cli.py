@@ -4,6 +4,7 @@ errors a user can cause into one line instead of a traceback."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,13 +29,26 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ConfigError, DatasetError, storage.StorageError, CheckpointError, RegistryError)
 
 
-def ensure_embedded_dataset(location: str, image_size: int) -> None:
+@contextlib.contextmanager
+def report_user_errors():
+    """An error the user can cause (bad config, missing data, unreadable checkpoint, unknown
+    model) becomes one line on stderr instead of a traceback; the block is left, and the
+    caller exits with 2."""
+    try:
+        yield
+    except user_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+
+
+def ensure_embedded_dataset(location: str) -> None:
+    """Make the embedded default's digits (32 px PNGs) when a job asks for them and they
+    are missing; jobs at other resolutions resize them as any dataset."""
     if location != EMBEDDED_DIGITS or storage.exists(storage.join(location, "index.json")):
         return
     from vit_core.data import make_digits_shards
 
     print(f"creating the embedded digits dataset in {location} ...", flush=True)
-    make_digits_shards(location, image_size=image_size)
+    make_digits_shards(location)
 
 
 def run_cli(
@@ -50,15 +64,15 @@ def run_cli(
     chosen, run the job."""
     add_config_arguments(parser, default_preset)
     args = parser.parse_args(argv)
-    try:
+    outcome = None
+    with report_user_errors():
         cfg = config_from_args(config_class, args, presets_dir)
         if args.print_config:
             print(dump_yaml(cfg), end="")
             return 0
-        ensure_embedded_dataset(cfg.data.location, cfg.data.image_size)
+        ensure_embedded_dataset(cfg.data.location)
         outcome = run(cfg)
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+    if outcome is None:
         return 2
     print(
         f"done: step {outcome.final_step}, MLflow run {outcome.mlflow_run_id}, "
