@@ -86,9 +86,7 @@ def create_model(
         )
     ckpt = None
     if checkpoint is not None:
-        ckpt = read_checkpoint(
-            checkpoint, use_ema=use_ema, in_chans=overrides.get("in_chans", 3)
-        )
+        ckpt = read_checkpoint(checkpoint, use_ema=use_ema, in_chans=overrides.get("in_chans", 3))
 
     if name is not None:
         key = _ALIASES.get(name, name)

@@ -66,7 +66,6 @@ _TRAINER_GLOBALS: list[Any] = [
     np.dtype,
     *(type(np.dtype(t)) for t in ("float64", "float32", "int64")),
 ]
-_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 # keys under which training checkpoints keep the weights: the trained ones, and the EMA ones
 _TRAINED_KEYS = ("state_dict", "model", "module")
@@ -182,9 +181,9 @@ def _unpickling_refusal(err: pickle.UnpicklingError) -> str:
     torch's text spans many lines, with terminal escape codes and advice to disable the check;
     only the name of the refused global or class (or the pickle opcode) is kept from it.
     """
-    text = _ANSI_ESCAPE.sub("", str(err))
+    text = str(err)
     if m := re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", text):
-        what = f"unpickling it would need {m.group(1) or m.group(2)}, which is not a plain-data type"
+        what = f"unpickling it needs {m.group(1) or m.group(2)}, which is not plain data"
     elif m := re.search(r"Unsupported operand (\d+)", text):
         what = (
             f"it is a plain pickle stream (opcode {m.group(1)}), not a torch.save file, "
@@ -527,7 +526,7 @@ def convert_state_dict(
 # The ResNet stem of the paper's hybrid model (section 3.1) in the authors' .npz
 # (conv_root, gn_root, blockN/unitM), timm (patch_embed.backbone) and transformers (ViTHybrid)
 _HYBRID_KEY = re.compile(
-    r"(?:^|/)(?:conv_root|gn_root)/|(?:^|/)block\d+/unit\d+/|patch_embeddings?\.backbone\."
+    r"(?:^|/)(?:conv_root|gn_root)/|(?:^|/)block\d+/unit\d+/|patch_embed(?:dings)?\.backbone\."
 )
 
 
