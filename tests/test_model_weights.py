@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import pathlib
+import pickle
+import shlex
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,7 +16,9 @@ import timm
 import torch
 import transformers
 from safetensors.torch import save_file
+from timm.models.vision_transformer import VisionTransformer as TimmViT
 from timm.models.vision_transformer import checkpoint_filter_fn
+from timm.utils import CheckpointSaver, ModelEmaV3
 
 from vit_core.model import (
     CheckpointError,
@@ -394,3 +400,185 @@ def test_pickled_code_is_never_executed(tmp_path):
     msg = one_clear_error(e)
     assert "evil.pth" in msg and "never executed" in msg
     assert not marker.exists()
+
+
+# ---- timm training checkpoints ---------------------------------------------------------
+
+TINY_TIMM = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def timm_train(tmp_path_factory):
+    """model_best.pth.tar as timm's train.py leaves it, written by timm's own CheckpointSaver.
+
+    The model is saved as wrapped for data parallelism (keys 'module.*', as older timm and
+    other trainers store it), the EMA is a step behind the trained weights and the args are
+    an argparse.Namespace.
+    """
+    torch.manual_seed(0)
+    model = TimmViT(**TINY_TIMM)
+    perturb_(model, 4)
+    ema = ModelEmaV3(model, decay=0.5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x = torch.randn(2, 3, 32, 32)
+    model(x).sum().backward()
+    opt.step()
+    ema.update(model)  # halfway between the old and the new weights
+    args = argparse.Namespace(model="vit_tiny_custom", lr=1e-2, epochs=3, input_size=(3, 32, 32))
+    d = tmp_path_factory.mktemp("timm_train")
+    saver = CheckpointSaver(
+        torch.nn.DataParallel(model),
+        opt,
+        args=args,
+        model_ema=ema,
+        checkpoint_dir=str(d),
+        unwrap_fn=lambda m: m,
+        max_history=1,
+    )
+    saver.save_checkpoint(epoch=2, metric=71.5)
+    # DeiT's layout of the same: 'model', 'model_ema', and numpy scalars among the metadata
+    deit = {
+        "model": model.state_dict(),
+        "model_ema": ema.module.state_dict(),
+        "optimizer": opt.state_dict(),
+        "epoch": np.int64(2),
+        "max_accuracy": np.float32(71.5),
+        "best_loss": np.float64(0.9),
+        "args": args,
+    }
+    torch.save(deit, d / "deit.pth")
+    with torch.no_grad():
+        trained, averaged = model.eval()(x), ema.module.eval()(x)
+    return SimpleNamespace(
+        path=d / "model_best.pth.tar", deit=d / "deit.pth", x=x, trained=trained, ema=averaged
+    )
+
+
+def test_timm_training_checkpoint_trained_or_ema(timm_train):
+    # the file is the case that failed: plain weights-only loading refuses its Namespace
+    with pytest.raises(pickle.UnpicklingError, match="argparse.Namespace"):
+        torch.load(timm_train.path, weights_only=True)
+    assert (timm_train.trained - timm_train.ema).abs().max() > 1e-3  # two different models
+
+    model = create_model(checkpoint=timm_train.path, num_heads=4)
+    assert_logits_close(logits(model, timm_train.x), timm_train.trained)
+    ema = create_model(checkpoint=timm_train.path, num_heads=4, use_ema=True)
+    assert_logits_close(logits(ema, timm_train.x), timm_train.ema)
+    # into an existing model, and timm's own loader picks the same EMA weights
+    target = VisionTransformer(ViTConfig(**TINY_TIMM))
+    assert load_checkpoint(target, timm_train.path, use_ema=True) == []
+    assert_logits_close(logits(target, timm_train.x), timm_train.ema)
+    reference = TimmViT(**TINY_TIMM)
+    timm.models.load_checkpoint(reference, str(timm_train.path), use_ema=True)
+    assert_logits_close(logits(target, timm_train.x), logits(reference, timm_train.x))
+
+
+def test_deit_style_checkpoint_with_numpy_scalars(timm_train):
+    model = create_model(checkpoint=timm_train.deit, num_heads=4)
+    assert_logits_close(logits(model, timm_train.x), timm_train.trained)
+    ema = create_model(checkpoint=timm_train.deit, num_heads=4, use_ema=True)
+    assert_logits_close(logits(ema, timm_train.x), timm_train.ema)
+
+
+def test_use_ema_without_ema_weights(timm_src):
+    with pytest.raises(CheckpointError) as e:
+        create_model(timm_src.name, checkpoint=timm_src.dir / "model.pth", use_ema=True)
+    msg = one_clear_error(e)
+    assert "model.pth" in msg and "no EMA weights" in msg
+
+
+class _SystemCall:
+    """os.system on unpickling: a payload that must never run."""
+
+    def __init__(self, marker: pathlib.Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+class _TrainerState:
+    """A harmless custom class: still not plain data, so still refused."""
+
+    step = 3
+
+
+def test_unsafe_training_checkpoints_are_refused_in_one_line(tmp_path):
+    marker = tmp_path / "pwned"
+    weights = tiny_model().state_dict()
+    torch.save({"state_dict": weights, "args": _SystemCall(marker)}, tmp_path / "system.pth.tar")
+    torch.save({"state_dict": weights, "trainer": _TrainerState()}, tmp_path / "custom.pth.tar")
+    with open(tmp_path / "plain.pkl", "wb") as f:  # pickle.dump, not torch.save
+        pickle.dump({"state_dict": weights, "args": _SystemCall(marker)}, f, protocol=4)
+    cases = {"system.pth.tar": "system", "custom.pth.tar": "_TrainerState", "plain.pkl": "pickle"}
+    for name, blocked in cases.items():
+        with pytest.raises(CheckpointError) as e:
+            create_model("vit_ti16", checkpoint=tmp_path / name)
+        msg = one_clear_error(e)
+        assert "\n" not in msg and "\x1b" not in msg and "two options" not in msg
+        assert name in msg and blocked in msg, msg
+        assert "never executed" in msg and "torch.save(model.state_dict())" in msg
+    assert not marker.exists()
+
+
+# ---- hybrid (ResNet + ViT) and other input channels --------------------------------------
+
+
+def write_npz(path: pathlib.Path, arrays: dict[str, np.ndarray]) -> pathlib.Path:
+    with open(path, "wb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
+@pytest.fixture
+def plain_npz(tmp_path) -> dict[str, np.ndarray]:
+    with np.load(export_npz(tiny_model(), tmp_path / "plain.npz")) as npz:
+        return dict(npz)
+
+
+def test_hybrid_checkpoints_are_refused(plain_npz, tmp_path):
+    # the authors' R50+ViT layout at toy sizes: ResNet root and units, then a 1x1 patch
+    # embedding over the ResNet's 32 feature channels
+    rng = np.random.default_rng(0)
+    stem = {
+        "conv_root/kernel": (7, 7, 3, 8),
+        "gn_root/scale": (8,),
+        "gn_root/bias": (8,),
+        "block1/unit1/conv1/kernel": (1, 1, 8, 4),
+        "block1/unit1/gn1/scale": (4,),
+        "block1/unit1/conv_proj/kernel": (1, 1, 8, 32),
+        "embedding/kernel": (1, 1, 32, 64),
+    }
+    arrays = {**plain_npz, **{k: rng.standard_normal(v, dtype=np.float32) for k, v in stem.items()}}
+    path = write_npz(tmp_path / "R50+ViT-B_16.npz", arrays)
+    for name in (None, "vit_b16"):  # with a name, the name is not blamed
+        with pytest.raises(CheckpointError) as e:
+            create_model(name, checkpoint=path)
+        msg = one_clear_error(e)
+        assert "R50+ViT-B_16.npz" in msg and "hybrid (ResNet + ViT, paper section 3.1)" in msg
+        assert "model name" not in msg
+    # timm's hybrid, in memory
+    hybrid = timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False)
+    with pytest.raises(CheckpointError, match=r"hybrid .*'patch_embed\.backbone\."):
+        create_model(checkpoint=hybrid.state_dict())
+
+
+def test_other_input_channels_refused_unless_recorded_or_asked(plain_npz, tmp_path):
+    # a 1x1 patch embedding over 32 channels with no ResNet keys: refused by its channels
+    arrays = dict(plain_npz)
+    arrays["embedding/kernel"] = np.zeros((1, 1, 32, 64), np.float32)
+    with pytest.raises(CheckpointError) as e:
+        create_model(checkpoint=write_npz(tmp_path / "odd.npz", arrays))
+    msg = one_clear_error(e)
+    assert "odd.npz" in msg and "takes 32 input channels, not 3" in msg
+
+    torch.manual_seed(0)
+    gray = TimmViT(**TINY_TIMM, in_chans=1).eval()
+    with pytest.raises(CheckpointError, match="pass in_chans=1"):
+        create_model(checkpoint=gray.state_dict(), num_heads=4)
+    x = torch.randn(2, 1, 32, 32)
+    model = create_model(checkpoint=gray.state_dict(), num_heads=4, in_chans=1)
+    torch.testing.assert_close(logits(model, x), logits(gray, x), atol=ATOL, rtol=0)
+    # this project's format records its channels: no option needed
+    save_model(model, tmp_path / "gray")
+    assert create_model(checkpoint=tmp_path / "gray").config.in_chans == 1

@@ -5,6 +5,7 @@ Examples::
     create_model("vit_b16", num_classes=10)  # random init, zero-init head
     create_model("vit_b16", checkpoint="vit_b16.npz", img_size=384)  # JAX weights, at 384
     create_model(checkpoint="runs/x/model")  # this project's format, no name needed
+    create_model(checkpoint="model_best.pth.tar", num_heads=4, use_ema=True)  # timm training run
 """
 
 from .factory import MODEL_CONFIGS, create_model, list_models

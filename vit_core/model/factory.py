@@ -57,6 +57,7 @@ def create_model(
     *,
     replace_head: bool = False,
     strict: bool = True,
+    use_ema: bool = False,
     **overrides: Any,
 ) -> VisionTransformer:
     """Build a ViT by name and/or from a checkpoint, with ViTConfig fields as overrides.
@@ -65,9 +66,17 @@ def create_model(
     reads. Without a name, the architecture comes from the checkpoint (this project's
     ``config.json``, a transformers ``config.json``, or the tensor shapes). The checkpoint's
     head is kept unless ``num_classes``/``head`` overrides differ from it or ``replace_head``
-    is set; then the model gets a fresh zero-initialised head.
+    is set; then the model gets a fresh zero-initialised head. From a training checkpoint
+    (timm's ``model_best.pth.tar``) the trained weights are taken, or with ``use_ema`` the
+    EMA ones (timm's ``load_checkpoint(..., use_ema=True)``, which timm defaults to).
+
+    Raises ``CheckpointError`` (one line naming the file) for a checkpoint that cannot be
+    read safely or does not fit, including hybrid (ResNet + ViT) checkpoints and patch
+    embeddings over other than ``in_chans`` (default 3) channels; ``ValueError`` for an
+    unknown name or an invalid configuration.
 
     >>> m = create_model("vit_b16", num_classes=10, img_size=384)
+    >>> m = create_model(checkpoint="output/train/x/model_best.pth.tar", use_ema=True)
     """
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
@@ -75,7 +84,9 @@ def create_model(
             f"create_model got unknown option(s) {', '.join(unknown)}; "
             f"ViTConfig fields are: {', '.join(sorted(_FIELDS))}"
         )
-    ckpt = read_checkpoint(checkpoint) if checkpoint is not None else None
+    ckpt = None
+    if checkpoint is not None:
+        ckpt = read_checkpoint(checkpoint, use_ema=use_ema, in_chans=overrides.get("in_chans", 3))
 
     if name is not None:
         key = _ALIASES.get(name, name)

@@ -6,20 +6,26 @@ loaded by one function that resamples position embeddings, decides about the hea
 shapes. Supported sources, auto-detected:
 
 * this project's format: a folder with ``model.safetensors`` + ``config.json`` (``save_model``)
-* timm state dicts (``.pth``/``.bin``/``.safetensors``; DDP, torch.compile, EMA wrappers)
+* timm state dicts (``.pth``/``.bin``/``.safetensors``; DDP, torch.compile, EMA wrappers),
+  and timm's training checkpoints (``model_best.pth.tar``: ``state_dict``, ``state_dict_ema``,
+  optimizer state, ``args`` as an ``argparse.Namespace``); ``use_ema`` picks the EMA weights
 * Hugging Face transformers ViT (``ViTModel`` / ``ViTForImageClassification``): a
   ``save_pretrained`` folder, a weights file or an in-memory state dict, in both the classic
   key layout (``encoder.layer.N.attention.attention.query``) and the 5.x one (``layers.N``)
 * the original JAX ``.npz`` of the ViT authors (and big_vision's variant of it)
 
 Nothing here unpickles code: safetensors, ``np.load(allow_pickle=False)`` and
-``torch.load(weights_only=True)`` only.
+``torch.load(weights_only=True)`` only, with the few plain-data types trainers store
+allowed by name (``_TRAINER_GLOBALS``). Hybrid checkpoints (a ResNet stem under the ViT,
+paper section 3.1) are refused: this platform does not build that model.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import pickle
 import re
 import zipfile
 from collections.abc import Mapping
@@ -48,6 +54,22 @@ FORMAT_NAME = "vit_core"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+
+# Plain-data types that training checkpoints store beside the weights, allowed by name for
+# torch.load(weights_only=True): timm's train.py saves its argparse.Namespace as 'args' (timm's
+# own loader allows it the same way), and trainers often record metrics as numpy scalars.
+_NP_SCALAR = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar  # numpy 2 | 1
+_TRAINER_GLOBALS: list[Any] = [
+    argparse.Namespace,
+    _NP_SCALAR,
+    (_NP_SCALAR, "numpy.core.multiarray.scalar"),  # its name in files written by numpy 1.x
+    np.dtype,
+    *(type(np.dtype(t)) for t in ("float64", "float32", "int64")),
+]
+
+# keys under which training checkpoints keep the weights: the trained ones, and the EMA ones
+_TRAINED_KEYS = ("state_dict", "model", "module")
+_EMA_KEYS = ("state_dict_ema", "model_ema")
 
 # embed_dim -> heads of the standard variants; timm/HF state dicts do not record heads
 _STANDARD_HEADS = {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 16, 1664: 16}
@@ -139,19 +161,40 @@ def _load_weights_file(path: Path) -> dict[str, Any]:
         if kind == "npz":
             with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_TRAINER_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except CheckpointError:
         raise
+    except pickle.UnpicklingError as e:
+        raise _fail(str(path), _unpickling_refusal(e)) from None
     except Exception as e:  # the libraries raise many types; the user needs one message
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if kind == "torch" and ("weights_only" in str(e) or "Unpickl" in type(e).__name__):
-            msg = (
-                "it holds pickled objects other than tensors, which are never executed here; " + msg
-            )
         raise _fail(str(path), f"unreadable {kind} file ({msg})") from None
     if not isinstance(obj, Mapping):
         raise _fail(str(path), f"expected a state dict, found {type(obj).__name__}")
     return dict(obj)
+
+
+def _unpickling_refusal(err: pickle.UnpicklingError) -> str:
+    """torch's weights-only refusal -> one line naming what blocked it and what to do.
+
+    torch's text spans many lines, with terminal escape codes and advice to disable the check;
+    only the name of the refused global or class (or the pickle opcode) is kept from it.
+    """
+    text = str(err)
+    if m := re.search(r"GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", text):
+        what = f"unpickling it needs {m.group(1) or m.group(2)}, which is not plain data"
+    elif m := re.search(r"Unsupported operand (\d+)", text):
+        what = (
+            f"it is a plain pickle stream (opcode {m.group(1)}), not a torch.save file, "
+            "and may hold code"
+        )
+    else:
+        what = "it holds pickled objects other than tensors"
+    return (
+        f"{what}; pickled code is never executed here. Re-save the weights with "
+        "torch.save(model.state_dict()) or as safetensors"
+    )
 
 
 def _sniff(path: Path) -> str:
@@ -259,13 +302,29 @@ def _read_path(path: Path) -> tuple[dict[str, Any], dict[str, Any], str | None]:
 # ---- converting to the canonical layout ----------------------------------------------
 
 
-def _unwrap(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """Strip training-checkpoint wrappers: {'model': ...}, 'module.', '_orig_mod.' prefixes."""
+def _unwrap(sd: Mapping[str, Any], source: str, use_ema: bool = False) -> dict[str, Any]:
+    """Strip training-checkpoint wrappers: {'state_dict': ...}, 'module.', '_orig_mod.' prefixes.
+
+    The trained weights are taken unless ``use_ema``; then the EMA weights (timm's
+    ``state_dict_ema``, DeiT's and timm's ``model_ema``) are, and their absence is an error.
+    timm's ``load_checkpoint`` defaults to ``use_ema=True``; here the EMA is taken only when
+    asked, or when a checkpoint holds nothing else.
+    """
     sd = dict(sd)
-    # the trained weights first, as timm does; EMA weights only when nothing else is there
-    for key in ("state_dict", "model", "module", "state_dict_ema", "model_ema"):
-        if key in sd and isinstance(sd[key], Mapping) and not _has_arrays(sd):
-            return _unwrap(sd[key])
+    if not _has_arrays(sd):
+        nested = [k for k in (*_TRAINED_KEYS, *_EMA_KEYS) if isinstance(sd.get(k), Mapping)]
+        if use_ema:
+            ema = [k for k in nested if k in _EMA_KEYS]
+            if ema:
+                return _unwrap(sd[ema[0]], source)
+        if nested:
+            return _unwrap(sd[nested[0]], source, use_ema)
+    if use_ema:
+        raise _fail(
+            source,
+            "use_ema=True but it holds no EMA weights ('state_dict_ema' or 'model_ema'); "
+            "load it without use_ema",
+        )
     changed = True
     while changed and sd:
         changed = False
@@ -436,10 +495,15 @@ def _from_jax(sd: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str,
 
 
 def convert_state_dict(
-    sd: Mapping[str, Any], source: str = "<state dict>"
+    sd: Mapping[str, Any], source: str = "<state dict>", *, use_ema: bool = False
 ) -> tuple[dict[str, torch.Tensor], str, dict[str, Any]]:
-    """Any supported state dict -> (canonical state dict, format name, architecture hints)."""
-    sd = _unwrap(sd)
+    """Any supported state dict -> (canonical state dict, format name, architecture hints).
+
+    ``use_ema`` takes a training checkpoint's EMA weights instead of the trained ones.
+    Raises ``CheckpointError`` for an unknown layout or a hybrid (ResNet + ViT) checkpoint.
+    """
+    sd = _unwrap(sd, source, use_ema)
+    _refuse_hybrid(sd, source)
     fmt = detect_format(sd)
     try:
         if fmt == "jax":
@@ -459,24 +523,89 @@ def convert_state_dict(
     )
 
 
-def read_checkpoint(checkpoint: str | Path | Mapping[str, Any] | Checkpoint) -> Checkpoint:
-    """A path (file or folder) or an in-memory state dict -> Checkpoint in canonical layout."""
+# The ResNet stem of the paper's hybrid model (section 3.1) in the authors' .npz
+# (conv_root, gn_root, blockN/unitM), timm (patch_embed.backbone) and transformers (ViTHybrid)
+_HYBRID_KEY = re.compile(
+    r"(?:^|/)(?:conv_root|gn_root)/|(?:^|/)block\d+/unit\d+/|patch_embed(?:dings)?\.backbone\."
+)
+
+
+def _refuse_hybrid(sd: Mapping[str, Any], source: str) -> None:
+    key = next((k for k in sd if _HYBRID_KEY.search(k)), None)
+    if key is not None:
+        raise _fail(
+            source,
+            f"a hybrid (ResNet + ViT, paper section 3.1) checkpoint (key {key!r}): its patch "
+            "embedding runs on ResNet feature maps, a model this platform does not build yet; "
+            "use a plain ViT checkpoint",
+        )
+
+
+def _check_in_chans(ckpt: Checkpoint, expected: int) -> None:
+    """Refuse a patch embedding over other than the recorded (else the expected) channels.
+
+    Without this, a checkpoint of another model family whose first layer happens to be named
+    like ours would build a model over, say, 1024 channels and fail only at the first forward.
+    """
+    w = ckpt.state_dict.get("patch_embed.proj.weight")
+    if w is None or w.ndim != 4:
+        return  # infer_config and the strict load name the missing key
+    got = int(w.shape[1])
+    recorded = ckpt.config.get("in_chans")
+    if recorded is not None and got != int(recorded):
+        raise _fail(
+            ckpt.source,
+            f"its config records in_chans={recorded} but the patch embedding "
+            f"{tuple(w.shape)} takes {got} input channels",
+        )
+    if recorded is None and got != expected:
+        raise _fail(
+            ckpt.source,
+            f"its patch embedding {tuple(w.shape)} takes {got} input channels, not {expected}: "
+            f"not a plain ViT over {expected}-channel images; if {got} channels is meant, "
+            f"pass in_chans={got}",
+        )
+
+
+def read_checkpoint(
+    checkpoint: str | Path | Mapping[str, Any] | Checkpoint,
+    *,
+    use_ema: bool = False,
+    in_chans: int = 3,
+) -> Checkpoint:
+    """A path (file or folder) or an in-memory state dict -> Checkpoint in canonical layout.
+
+    ``use_ema`` takes the EMA weights of a training checkpoint (timm's ``state_dict_ema``,
+    ``model_ema``); without it the trained weights are taken. ``in_chans`` is the number of
+    image channels the caller builds for: a checkpoint whose patch embedding takes another
+    number and that does not record its own (this project's and transformers' config.json
+    do) is refused. A ``Checkpoint`` is returned as it is (already read and checked).
+
+    Raises ``CheckpointError`` (one line naming the file) for a missing or unreadable file,
+    pickled objects other than plain data (never executed), an unknown layout, a hybrid
+    ResNet + ViT checkpoint, or a patch embedding over other channels.
+    """
     if isinstance(checkpoint, Checkpoint):
         return checkpoint
     if isinstance(checkpoint, Mapping):
-        sd, fmt, hints = convert_state_dict(checkpoint)
-        return Checkpoint(sd, "<state dict>", fmt, hints)
-    if not isinstance(checkpoint, str | Path):
+        sd, fmt, hints = convert_state_dict(checkpoint, use_ema=use_ema)
+        ckpt = Checkpoint(sd, "<state dict>", fmt, hints)
+    elif isinstance(checkpoint, str | Path):
+        if str(checkpoint).startswith(("s3://", "gs://", "http://", "https://")):
+            raise _fail(
+                str(checkpoint), "remote URIs are resolved by vit_core.create_model, not here"
+            )
+        path = Path(checkpoint).expanduser()
+        raw, config, known = _read_path(path)
+        sd, fmt, hints = convert_state_dict(raw, str(path), use_ema=use_ema)
+        ckpt = Checkpoint(sd, str(path), known or fmt, {**hints, **config})
+    else:
         raise CheckpointError(
             f"cannot load checkpoint of type {type(checkpoint).__name__}: "
             "pass a local path or a state dict"
         )
-    if str(checkpoint).startswith(("s3://", "gs://", "http://", "https://")):
-        raise _fail(str(checkpoint), "remote URIs are resolved by vit_core.create_model, not here")
-    path = Path(checkpoint).expanduser()
-    raw, config, known = _read_path(path)
-    sd, fmt, hints = convert_state_dict(raw, str(path))
-    return Checkpoint(sd, str(path), known or fmt, {**hints, **config})
+    _check_in_chans(ckpt, in_chans)
+    return ckpt
 
 
 # ---- loading into a model ------------------------------------------------------------
@@ -488,15 +617,19 @@ def load_checkpoint(
     *,
     replace_head: bool = False,
     strict: bool = True,
+    use_ema: bool = False,
 ) -> list[str]:
     """Load weights into ``model`` in place; returns the keys left at their fresh init.
+
+    ``use_ema`` loads a training checkpoint's EMA weights (as timm's ``load_checkpoint``;
+    timm takes them by default, this function only when asked).
 
     Position embeddings are resampled to the model's grid when the checkpoint was trained at
     another resolution. The classifier is loaded only when it fits (same kind of head, same
     class count) and ``replace_head`` is False; otherwise the model keeps its zero-initialised
     head. Anything else that does not fit raises ``CheckpointError`` naming the key.
     """
-    ckpt = read_checkpoint(checkpoint)
+    ckpt = read_checkpoint(checkpoint, use_ema=use_ema, in_chans=model.config.in_chans)
     sd = dict(ckpt.state_dict)
     src = ckpt.source
     own = model.state_dict()
