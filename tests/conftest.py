@@ -109,3 +109,39 @@ def ray_client(ray_cluster):
     if not ray.is_initialized():
         ray.init(address=ray_cluster.address, log_to_driver=False)
     yield ray
+
+
+@pytest.fixture(scope="session")
+def digits_s3(s3) -> str:
+    """The digits dataset (32 px PNG shards) in the session's S3 store."""
+    from vit_core.data import make_digits_shards
+
+    location = f"s3://vit/datasets/digits-{uuid.uuid4().hex[:8]}/v1"
+    make_digits_shards(location, image_size=32, progress=False)
+    return location
+
+
+# A quick model and schedule for jobs on the two-node cluster: two workers on different
+# nodes, 22 steps per epoch on the 1438 training digits.
+SMALL_JOB = [
+    "model.embed_dim=48", "model.depth=2", "model.num_heads=3",
+    "train.global_batch_size=64", "train.micro_batch_size=32", "train.log_every_steps=2",
+    "optim.warmup_steps=5", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
+    "scaling.placement_strategy=STRICT_SPREAD",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def pretrained_backbone(ray_cluster, mlflow_server, digits_s3) -> str:
+    """A backbone pretrained by pipelines/pretrain.py on the cluster (3 epochs at 32 px),
+    registered with the alias `backbone`; returns the registered model's name."""
+    from jobs import run_job, sets
+
+    tag = uuid.uuid4().hex[:6]
+    name = f"backbone-{tag}"
+    run_job(ray_cluster, "pretrain.py", sets(
+        *SMALL_JOB, f"run_name=pre-{tag}", f"storage=s3://vit/runs-{tag}",
+        f"data.location={digits_s3}", "train.epochs=3", f"tracking.experiment=pre-{tag}",
+        f"tracking.registered_model={name}", "tracking.alias=backbone",
+    ))  # fmt: skip
+    return name

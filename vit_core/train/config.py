@@ -30,6 +30,8 @@ class ModelSection:
     # training run's checkpoint or best_model URI, or a timm / transformers / JAX .npz
     # file; local or s3://.
     init_from: str | None = None
+    # A training checkpoint with EMA weights (timm's state_dict_ema): start from those.
+    init_use_ema: bool = False
     # Fine-tuning (paper section 3.2): drop the whole pretraining head and put a single
     # zero-initialised linear layer for the dataset's classes in its place.
     replace_head: bool = False

@@ -55,8 +55,9 @@ def build_model(
     import vit_core
 
     model = vit_core.create_model(
-        m.name, checkpoint=weights, replace_head=m.replace_head, **model_overrides(m, num_classes)
-    )
+        m.name, checkpoint=weights, replace_head=m.replace_head,
+        use_ema=m.init_use_ema and weights is not None, **model_overrides(m, num_classes),
+    )  # fmt: skip
     if m.freeze_backbone:
         for name, param in model.named_parameters():
             param.requires_grad = name.startswith(("head.", "pre_logits."))

@@ -1,0 +1,51 @@
+"""Submitting the project's job scripts to the session's Ray cluster, as a user's
+`ray job submit --working-dir . -- python pipelines/X.py ...` does."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class SubmittedJob:
+    def __init__(self, ray_cluster, script: str, args: list[str]) -> None:
+        from ray.job_submission import JobSubmissionClient
+
+        self.client = JobSubmissionClient(ray_cluster.dashboard_url)
+        self.job_id = self.client.submit_job(
+            entrypoint=" ".join(["python", f"pipelines/{script}", *args]),
+            runtime_env={"working_dir": str(ROOT), "excludes": ["data/", "runs/", "*.db"]},
+        )
+
+    def wait(self, timeout: float = 600) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = str(self.client.get_job_status(self.job_id))
+            if status in FINAL:
+                return status
+            time.sleep(2)
+        raise AssertionError(f"job {self.job_id} still running after {timeout}s:\n"
+                             f"{self.logs()[-3000:]}")  # fmt: skip
+
+    def logs(self) -> str:
+        return self.client.get_job_logs(self.job_id)
+
+    def stop(self) -> None:
+        self.client.stop_job(self.job_id)
+
+
+def sets(*overrides: str) -> list[str]:
+    """--set KEY=VALUE arguments."""
+    return [part for o in overrides for part in ("--set", o)]
+
+
+def run_job(ray_cluster, script: str, args: list[str], timeout: float = 600) -> str:
+    """Submit, wait for success, return the job's log."""
+    job = SubmittedJob(ray_cluster, script, args)
+    status = job.wait(timeout)
+    logs = job.logs()
+    assert status == "SUCCEEDED", f"{script} {status}:\n{logs[-4000:]}"
+    return logs
