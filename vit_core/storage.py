@@ -250,16 +250,18 @@ def _call(location: str, fn, *args, **kwargs):
     backoff and jitter while the store fails transiently (see _transient), for up to
     retry_seconds(). Raises StorageError naming `location` on any other failure, or on a
     transient one once that deadline has passed."""
-    started = deadline = None
+    started, deadline = time.monotonic(), None
     delay = 0.5
     while True:
         try:
             result = fn(*args, **kwargs)
         except _AWS_ERRORS as err:
             now = time.monotonic()
-            if started is None:
-                started, deadline = now, now + retry_seconds()
-            if not _transient(err) or now >= deadline:
+            if deadline is None:
+                deadline = started + retry_seconds()
+            if not _transient(err):
+                raise _explain(err, location) from None
+            if now >= deadline:
                 raise _explain(err, location, now - started) from None
             _note_outage(_endpoint_name(), deadline - started)
             time.sleep(min(delay * random.uniform(0.5, 1.0), deadline - now))
