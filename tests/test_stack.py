@@ -1,5 +1,6 @@
 """The local stack: real services on 127.0.0.1, started, checked and stopped."""
 
+import http.client
 import ipaddress
 import os
 import socket
@@ -12,7 +13,7 @@ import mlflow
 import psutil
 import pytest
 
-from infra.local.stack import SeaweedFS, StackError, find_binary
+from infra.local.stack import HOST, MLflowServer, SeaweedFS, StackError, find_binary, port_is_free
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,6 +105,66 @@ def test_taken_port_is_a_clear_error(tmp_path):
         store = SeaweedFS(tmp_path, "k", "s", s3_port=port)
         with pytest.raises(StackError, match=rf"port {port} \(SeaweedFS s3\) is already in use"):
             store.start()
+
+
+def test_a_port_left_in_time_wait_is_free_a_listening_one_is_not():
+    with socket.socket() as server:
+        # As servers bind (Go's net.Listen, uvicorn, gRPC); Linux lets a later SO_REUSEADDR
+        # bind share the port with TIME_WAIT connections only of such a listener.
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind((HOST, 0))
+        server.listen()
+        port = server.getsockname()[1]
+        client = socket.create_connection((HOST, port))
+        accepted, _ = server.accept()
+        accepted.close()  # the server's end closes first, so it is the end left in TIME_WAIT
+        client.recv(1)
+        client.close()
+        assert not port_is_free(port)
+    assert port_connections(port) == {psutil.CONN_TIME_WAIT}
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind((HOST, port))  # a bind without SO_REUSEADDR, as the old check did
+    assert port_is_free(port)
+
+
+def port_connections(port: int) -> set[str]:
+    """States of this host's TCP connections whose local end is `port`."""
+    return {c.status for c in psutil.net_connections("tcp4") if c.laddr.port == port}
+
+
+def test_services_restart_on_their_ports_with_their_data(private_s3, tmp_path):
+    server = MLflowServer(tmp_path / "mlflow", private_s3.env())
+    server.start()
+    try:
+        client = mlflow.MlflowClient(server.uri)
+        experiment = client.create_experiment("kept-across-restarts")
+        s3_ports, mlflow_port = dict(private_s3.ports), server.port
+        s3_client = boto3.client(
+            "s3", endpoint_url=private_s3.endpoint, aws_access_key_id=private_s3.access_key,
+            aws_secret_access_key=private_s3.secret_key, region_name="us-east-1",
+        )  # fmt: skip
+        s3_client.put_object(Bucket="vit", Key="kept.txt", Body=b"kept")
+        # Connections open while a server stops leave its port in FIN_WAIT/TIME_WAIT:
+        # the restart must not take that for a port in use.
+        held = [http.client.HTTPConnection(HOST, p) for p in (server.port, private_s3.s3_port)]
+        for conn in held:
+            conn.request("GET", "/health" if conn.port == server.port else "/")
+            conn.getresponse().read()
+        server.stop()
+        private_s3.stop()
+        assert psutil.CONN_LISTEN not in port_connections(mlflow_port)
+        assert port_connections(mlflow_port), "the stopped server should leave connections"
+        with socket.socket() as plain, pytest.raises(OSError):
+            plain.bind((HOST, mlflow_port))  # what made the old free-port check refuse it
+        private_s3.start()
+        server.restart()
+        assert (private_s3.ports, server.port) == (s3_ports, mlflow_port)
+        assert client.get_experiment(experiment).name == "kept-across-restarts"
+        assert s3_client.get_object(Bucket="vit", Key="kept.txt")["Body"].read() == b"kept"
+        for conn in held:
+            conn.close()
+    finally:
+        server.stop()
 
 
 def test_missing_binary_is_a_clear_error():

@@ -168,7 +168,8 @@ def test_a_stream_cut_midway_resumes_from_the_byte_reached(private_s3, monkeypat
     storage.write_bytes("s3://vit/stream/shard.tar", payload)
     ranges = []
     storage.s3_client().meta.events.register(
-        "before-parameter-build.s3.GetObject", lambda params, **_: ranges.append(params.get("Range"))
+        "before-parameter-build.s3.GetObject",
+        lambda params, **_: ranges.append(params.get("Range")),
     )
     with storage.open_read("s3://vit/stream/shard.tar") as stream:
         head = stream.read(1 << 20)
