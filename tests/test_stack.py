@@ -3,6 +3,7 @@
 import http.client
 import ipaddress
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -173,7 +174,7 @@ def test_missing_binary_is_a_clear_error():
 
 
 @pytest.mark.slow
-def test_cli_up_status_down_leaves_no_process(tmp_path):
+def test_cli_up_stop_start_restart_down_leaves_no_process(tmp_path):
     env = {**os.environ, "VIT_STACK_DIR": str(tmp_path / "stack")}
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         env.pop(key, None)
@@ -200,8 +201,42 @@ def test_cli_up_status_down_leaves_no_process(tmp_path):
         state = json.loads((tmp_path / "stack" / "state.json").read_text())
         groups = [state["s3"]["pgid"], state["mlflow"]["pgid"], *state["ray"]["pgids"]]
         assert all(group_pids(g) for g in groups)
+
+        stopped = run("stop", "mlflow")
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert not group_pids(state["mlflow"]["pgid"])
+        status = run("status")
+        assert status.returncode == 1 and re.search(r"^mlflow .* stopped$", status.stdout, re.M)
+        assert run("start", "mlflow").returncode == 0
+        assert run("start", "mlflow").stderr.startswith("error: mlflow is already running")
+        s3 = boto3.client("s3", region_name="us-east-1", **_s3_args(tmp_path / "stack" / "env"))
+        s3.put_object(Bucket="vit", Key="kept.txt", Body=b"kept")
+        for name in ("s3", "ray"):
+            restarted = run("restart", name)
+            assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+        assert s3.get_object(Bucket="vit", Key="kept.txt")["Body"].read() == b"kept"
+        status = run("status")
+        assert status.returncode == 0 and status.stdout.count(" up") == 3, status.stdout
+        new_state = json.loads((tmp_path / "stack" / "state.json").read_text())
+        new_groups = [new_state[n]["pgid"] for n in ("s3", "mlflow")] + new_state["ray"]["pgids"]
+        assert not set(new_groups) & set(groups)  # every service now runs in new processes
+        assert [new_state[n]["port"] for n in ("s3", "mlflow", "ray")] == [
+            state[n]["port"] for n in ("s3", "mlflow", "ray")
+        ]
+        groups += new_groups
     finally:
         down = run("down")
     assert down.returncode == 0, down.stderr
     assert not any(group_pids(g) for g in groups)
     assert run("status").returncode == 1
+
+
+def _s3_args(env_file: Path) -> dict[str, str]:
+    """boto3 client arguments from the stack's env file."""
+    lines = env_file.read_text().splitlines()
+    env = dict(line.removeprefix("export ").split("=", 1) for line in lines)
+    return {
+        "endpoint_url": env["AWS_ENDPOINT_URL_S3"],
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+    }

@@ -320,10 +320,16 @@ class MLflowServer(ProcessGroupService):
             "--host", HOST, "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
         env = {**self.s3_env, "MLFLOW_S3_ENDPOINT_URL": self.s3_env["AWS_ENDPOINT_URL_S3"]}
-        self._run(cmd, self.root / "mlflow.log", env, "MLflow server", self.healthy, timeout)
+        self._run(cmd, self.root / "mlflow.log", env, "MLflow server", self._ready, timeout)
+
+    def _ready(self) -> bool:
+        return http_ok(f"{self.uri}/health")
 
     def healthy(self) -> bool:
-        return http_ok(f"{self.uri}/health")
+        try:
+            return self._ready()
+        except OSError:  # refused or timed out: not up
+            return False
 
 
 @dataclass
