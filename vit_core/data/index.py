@@ -10,6 +10,15 @@ never taken for a dataset. Layout (format_version 1):
         "val": {...}},
      "totals": {"num_samples": 1797, "num_shards": 2, "size_bytes": 2, "skipped": 0},
      "settings": {...}, "skipped_examples": [{"source": "...", "reason": "..."}]}
+
+Format version 2 (an index of existing shards, see vit_core.data.existing) adds how to
+read their samples, and shard names may hold sub-folders ("train/part-00001.tar"):
+
+     "layout": {"image_extensions": ["jpg", "png"], "label": "json:label",
+                "labels_are": "names"}        # or "indices"; label "cls": the member's text
+
+An index whose layout is make_shards' own (.jpg/.jpeg/.png/.webp image, class index in
+.cls) is written as version 1, so older readers still take it.
 """
 
 from __future__ import annotations
@@ -24,11 +33,12 @@ from typing import Any, Literal
 
 from vit_core import storage
 from vit_core.data.errors import DatasetError
-from vit_core.data.shards import ShardCorruptError, count_samples
+from vit_core.data.shards import DEFAULT_LAYOUT, Layout, ShardCorruptError, count_samples
 
 INDEX_NAME = "index.json"
 FORMAT = "vit-webdataset"
 FORMAT_VERSION = 1
+LAYOUT_FORMAT_VERSION = 2  # an index with a "layout"
 _READ_CHUNK = 1 << 20
 
 logger = logging.getLogger("vit_core.data")
@@ -52,6 +62,7 @@ class DatasetIndex:
     settings: dict[str, Any] = field(default_factory=dict)
     skipped: int = 0
     skipped_examples: list[dict[str, str]] = field(default_factory=list)
+    layout: Layout = DEFAULT_LAYOUT
 
     @property
     def num_classes(self) -> int:
@@ -62,6 +73,8 @@ class DatasetIndex:
         """A fingerprint of the content (every shard's checksum and the class names): two
         datasets with the same version hold the same bytes."""
         digest = hashlib.sha256(json.dumps(self.class_names).encode())
+        if not self.layout.is_default:  # same bytes, read another way: another dataset
+            digest.update(json.dumps(self.layout.to_json(), sort_keys=True).encode())
         for split in sorted(self.splits):
             for shard in self.splits[split]:
                 digest.update(f"{split}/{shard.name}:{shard.sha256}".encode())
@@ -91,9 +104,10 @@ class DatasetIndex:
             for name, shards in self.splits.items()
         }
         all_shards = [s for shards in self.splits.values() for s in shards]
+        layout = {} if self.layout.is_default else {"layout": self.layout.to_json()}
         return {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": LAYOUT_FORMAT_VERSION if layout else FORMAT_VERSION,
             "created": self.created or datetime.now(UTC).isoformat(timespec="seconds"),
             "source": self.source,
             "class_names": self.class_names,
@@ -107,6 +121,7 @@ class DatasetIndex:
             },
             "settings": self.settings,
             "skipped_examples": self.skipped_examples,
+            **layout,
         }
 
     @classmethod
@@ -115,9 +130,10 @@ class DatasetIndex:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise DatasetError(f"{where} is not a {FORMAT} index")
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in (FORMAT_VERSION, LAYOUT_FORMAT_VERSION):
             raise DatasetError(
-                f"{where} has format_version {version!r}; this code reads {FORMAT_VERSION}"
+                f"{where} has format_version {version!r}; this code reads "
+                f"{FORMAT_VERSION} and {LAYOUT_FORMAT_VERSION}"
             )
         try:
             splits = {
@@ -133,6 +149,11 @@ class DatasetIndex:
                 for name, entry in data["splits"].items()
             }
             class_names = [str(c) for c in data["class_names"]]
+            layout = (
+                Layout.from_json(data["layout"], class_names)
+                if version == LAYOUT_FORMAT_VERSION
+                else DEFAULT_LAYOUT
+            )
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise DatasetError(f"{where} is malformed ({type(err).__name__}: {err})") from None
         return cls(
@@ -144,6 +165,7 @@ class DatasetIndex:
             settings=dict(data.get("settings") or {}),
             skipped=int(data.get("totals", {}).get("skipped", 0)),
             skipped_examples=list(data.get("skipped_examples") or []),
+            layout=layout,
         )
 
 
@@ -236,7 +258,7 @@ def _check_content(index: DatasetIndex, split: str, shard: ShardInfo) -> str | N
             return data
 
         try:
-            count = count_samples(read)
+            count = count_samples(read, index.layout)
         except ShardCorruptError as err:
             return f"{shard.name}: not a readable tar ({err})"
         while read(_READ_CHUNK):
