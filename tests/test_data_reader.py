@@ -281,8 +281,14 @@ def test_index_that_does_not_match_the_shards(s3_prefix):
     with pytest.raises(DatasetError, match="train-000002.tar: missing"):
         build_dataset(DataConfig(location=out), "train", train=True)
 
-    storage.write_bytes(f"{out}/train-000002.tar", b"short")
-    with pytest.raises(DatasetError, match=r"train-000002.tar: 5 bytes stored, the index says \d+"):
+    storage.write_bytes(
+        f"{out}/train-000002.tar", index.shards("train")[2].size_bytes * b"x" + b"!"
+    )
+    with pytest.raises(DatasetError, match=r"train-000002.tar: \d+ bytes stored, the index says"):
+        open_dataset(out)  # larger than indexed: another file, not a damaged copy
+    for shard in index.shards("val"):
+        storage.write_bytes(f"{out}/{shard.name}", b"short")
+    with pytest.raises(DatasetError, match="every shard of split 'val' is short"):
         open_dataset(out)
     with pytest.raises(DatasetError, match="has no split 'test'"):
         index.num_samples("test")
@@ -347,6 +353,50 @@ def test_bad_samples_are_skipped_and_counted_end_to_end(ray_client, s3_prefix):
         seen_labels += labels[valid].tolist()
     assert (counter.bad, counter.seen) == (7, 15)
     assert sorted(seen_labels) == sorted([0, 1, 2, 1, 2, 0, 1, 2])
+
+
+def whole_samples_before(path, cut: int) -> int:
+    """Samples of a make_shards tar whose image and label lie wholly in its first `cut`
+    bytes, found with tarfile (not the project's reader)."""
+    import tarfile
+
+    ends: dict[str, dict[str, int]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar:
+            key, _, ext = member.name.partition(".")
+            ends.setdefault(key, {})[ext] = member.offset_data + member.size
+    return sum(1 for parts in ends.values() if max(parts["png"], parts["cls"]) <= cut)
+
+
+def test_shard_short_on_storage_warns_and_its_lost_samples_count_as_bad(
+    ray_client, tmp_path, caplog
+):
+    out = tmp_path / "digits"
+    index = make_digits_shards(str(out), shard_samples=150, progress=False)
+    short = out / "train-000004.tar"
+    size = short.stat().st_size
+    cut = size * 2 // 3
+    good_left = whole_samples_before(short, cut)
+    short.write_bytes(short.read_bytes()[:cut])
+    assert 0 < good_left < 150
+
+    with caplog.at_level(logging.WARNING, logger="vit_core.data"):
+        opened = open_dataset(str(out))
+    warnings = [r.getMessage() for r in caplog.records if "is short" in r.getMessage()]
+    assert warnings == [
+        f"shard {short} is short: {cut} bytes stored, the index says {size}; its readable "
+        "samples are used, the rest count as bad samples"
+    ]
+    assert opened.version == index.version
+
+    ds = build_dataset(DataConfig(location=str(out)), "train", train=False, with_keys=True)
+    counter = BadSampleCounter()
+    rows = sum(
+        len(labels)
+        for _, labels, _ in iter_train_batches(ds, 64, "cpu", train=False, counter=counter)
+    )
+    assert rows == counter.seen == index.num_samples("train") == 1438
+    assert counter.bad == 150 - good_left
 
 
 def test_local_path_mode_gives_back_exactly_what_was_written(ray_client, tmp_path):

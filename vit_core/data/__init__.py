@@ -14,9 +14,18 @@ Writing (pipelines/make_shards.py is a thin CLI over this):
   overwrite=True. Bad input raises DatasetError (missing folder, bad manifest line: named);
   an unreadable image is skipped and counted in the index.
 
+Indexing WebDataset shards written by other tools, in place (see vit_core.data.existing):
+
+    index = index_existing_shards("s3://bucket/laion-subset",
+                                  splits={"train": "train-*.tar", "val": "val-*.tar"},
+                                  label="json:label",            # or "cls" (a member's text)
+                                  image_extensions=("jpg", "png"),   # first one present wins
+                                  class_names=None)              # from the labels found
+
 Training (driver, before any worker starts):
 
-    index = open_dataset(cfg.location)          # DatasetError if missing or not matching
+    index = open_dataset(cfg.location)          # DatasetError if missing or not matching;
+                                                # a shard stored short: one warning, read on
     datasets = {"train": build_dataset(cfg, "train", train=True),
                 "val": build_dataset(cfg, "val", train=False)}
     TorchTrainer(loop, datasets=datasets, ...)
@@ -64,6 +73,7 @@ from typing import TYPE_CHECKING, Any
 
 from vit_core.data.config import IMAGENET_MEAN, IMAGENET_STD, DataConfig
 from vit_core.data.errors import DatasetError
+from vit_core.data.existing import index_existing_shards
 from vit_core.data.index import DatasetIndex, ShardInfo, open_dataset, read_index, verify
 from vit_core.data.make import make_digits_shards, make_shards, write_shard
 from vit_core.data.quality import report_bad_sample
@@ -87,6 +97,7 @@ __all__ = [
     "build_dataset",
     "clean_batch",
     "report_bad_sample",
+    "index_existing_shards",
     "iter_train_batches",
     "make_digits_shards",
     "make_shards",

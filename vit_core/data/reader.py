@@ -22,7 +22,7 @@ from vit_core.data.config import DataConfig
 from vit_core.data.errors import DatasetError
 from vit_core.data.index import DatasetIndex, ShardInfo, open_stream, read_index, verify
 from vit_core.data.quality import report_bad_sample
-from vit_core.data.shards import ShardCorruptError, iter_samples
+from vit_core.data.shards import DEFAULT_LAYOUT, Layout, ShardCorruptError, iter_samples
 from vit_core.data.transforms import TransformSpec, decode_batch
 from vit_core.storage import StorageError
 
@@ -67,14 +67,21 @@ def _table(rows: list[tuple], shard: str, epoch: int):
     )
 
 
-def read_shard(location: str, shard: ShardInfo, epoch: int, rows_per_block: int) -> Iterator:
-    """Blocks (pyarrow tables) of raw rows from one shard; never raises for bad content."""
+def read_shard(
+    location: str,
+    shard: ShardInfo,
+    epoch: int,
+    rows_per_block: int,
+    layout: Layout = DEFAULT_LAYOUT,
+) -> Iterator:
+    """Blocks (pyarrow tables) of raw rows from one shard, its samples read through
+    `layout` (the index's); never raises for bad content."""
     rows: list[tuple] = []
     read = 0
     damage = None
     try:
         with open_stream(location) as stream:
-            for sample in iter_samples(stream.read):
+            for sample in iter_samples(stream.read, layout):
                 read += 1
                 if sample.error:
                     report_bad_sample(sample.key, location, sample.error)
@@ -135,6 +142,7 @@ def _datasource_class():
             self._shuffle_seed = shuffle_seed
             self._fixed_epoch = fixed_epoch
             self._rows_per_block = rows_per_block
+            self._layout = index.layout
 
         def get_name(self) -> str:
             return "ViTShards"
@@ -156,7 +164,9 @@ def _datasource_class():
                     input_files=[uri],
                     exec_stats=None,
                 )
-                read = functools.partial(read_shard, uri, shard, epoch, self._rows_per_block)
+                read = functools.partial(
+                    read_shard, uri, shard, epoch, self._rows_per_block, self._layout
+                )
                 tasks.append(
                     ReadTask(read, meta, schema=_schema(), per_task_row_limit=per_task_row_limit)
                 )
