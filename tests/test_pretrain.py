@@ -99,6 +99,17 @@ def test_fsdp_on_cpu_workers_trains_and_resumes_sharded_state(tmp_path):
     model = create_model(checkpoint=str(tmp_path / "runs" / "fsdp" / "best_model"))
     assert model.config.embed_dim == 48 and version.tags["run_name"] == "fsdp"
 
+    # The finished run submitted again: nothing trains, nothing is registered twice.
+    again = subprocess.run(
+        [*command, "--set", "train.epochs=2"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "run fsdp already finished at step 44 and is registered as vit-digits-pretrain " \
+        "version 2" in again.stdout, again.stdout[-2000:]  # fmt: skip
+    assert "local Ray" not in again.stdout  # no cluster was started for it
+    assert len(client.search_model_versions("name='vit-digits-pretrain'")) == 2
+
 
 @pytest.fixture(scope="module")
 def digits_on_s3(s3) -> str:

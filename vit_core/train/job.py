@@ -81,7 +81,13 @@ def check_inputs(cfg: TrainConfig) -> CheckedInputs:
     index = open_dataset(cfg.data.location)
     init_weights, lineage = resolve_init(cfg.model.init_from)
     check_model(cfg, index.num_classes, init_weights)
-    plan = BatchPlan.of(cfg, index.num_samples("train"), cfg.scaling.num_workers)
+    for key, split in (("train_split", cfg.data.train_split), ("val_split", cfg.data.val_split)):
+        if split not in index.splits:
+            raise ConfigError(
+                f"data.{key}: dataset {cfg.data.location} has no split {split!r} (it has "
+                f"{', '.join(sorted(index.splits))})"
+            )
+    plan = BatchPlan.of(cfg, index.num_samples(cfg.data.train_split), cfg.scaling.num_workers)
     return CheckedInputs(index, plan, init_weights, lineage)
 
 
@@ -108,12 +114,16 @@ def check_model(cfg: TrainConfig, num_classes: int, init_weights: str | None) ->
     """Build the model once on the meta device (no memory for weights) from the starting
     checkpoint: a config the image size does not fit, or weights that cannot be read
     safely or do not fit, fail here instead of in every worker."""
+    weights = fetch_weights(init_weights)
     try:
-        weights = fetch_weights(init_weights)
         with torch.device("meta"):
             build_model(cfg.model, num_classes, weights)
     except CheckpointError as err:
-        raise CheckpointError(f"model.init_from {cfg.model.init_from}: {err}") from None
+        # Named as the user typed it, not by the local copy of a downloaded file.
+        message = str(err).replace(str(weights), cfg.model.init_from or "")
+        if cfg.model.init_from not in message:
+            message = f"{cfg.model.init_from}: {message}"
+        raise CheckpointError(f"model.init_from: {message}") from None
     except (ValueError, TypeError) as err:
         raise ConfigError(f"model: {err}") from None
 
@@ -129,7 +139,6 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
     inputs = check_inputs(cfg)
     index, plan = inputs.index, inputs.plan
     location = run_location(cfg)
-    cluster.connect()
     uri = tracking_uri()
     client = set_tracking(uri)
     run_id, resumed = start_or_resume_run(client, cfg.tracking.experiment, cfg.run_name)
@@ -137,6 +146,7 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
     latest = latest_stored_checkpoint(location)
     if latest is not None and latest.step >= plan.total_steps:
         return finished_run(cfg, client, run_id, latest, inputs)
+    cluster.connect()
     if latest is not None:
         print(f"resuming run {cfg.run_name} from step {latest.step} ({latest.uri})", flush=True)
     log_config(client, run_id, cfg, {
@@ -146,7 +156,7 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
         "cluster.num_workers": cfg.scaling.num_workers,
         "cluster.num_gpus": cfg.scaling.num_workers if cfg.scaling.use_gpu else 0,
         "data.num_classes": index.num_classes,
-        "data.num_train": index.num_samples("train"),
+        "data.num_train": index.num_samples(cfg.data.train_split),
         "train.total_steps": plan.total_steps,
         **{f"lineage.{k}": v for k, v in inputs.lineage.items()},
     })  # fmt: skip
@@ -154,7 +164,7 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
         cfg=cfg,
         num_classes=index.num_classes,
         class_names=index.class_names,
-        num_train=index.num_samples("train"),
+        num_train=index.num_samples(cfg.data.train_split),
         run_location=location,
         init_weights=inputs.init_weights,
         tracking_uri=uri,
@@ -180,8 +190,9 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
         datasets={
-            "train": build_dataset(cfg.data, "train", train=True, index=index),
-            "val": build_dataset(cfg.data, "val", train=False, index=index),
+            # Named as the workers ask for them, whatever the dataset calls its splits.
+            "train": build_dataset(cfg.data, cfg.data.train_split, train=True, index=index),
+            "val": build_dataset(cfg.data, cfg.data.val_split, train=False, index=index),
         },
     )
     with mark_run_on_exit(client, run_id):
