@@ -19,12 +19,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import mlflow
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python pipelines/x.py` puts only pipelines/ on the path
 
 from vit_core.cli import EMBEDDED_DIGITS, user_errors  # noqa: E402
 from vit_core.eval.batch import Compute, plan_evaluation, run_evaluation  # noqa: E402
-from vit_core.track.runs import set_tracking, tracking_uri  # noqa: E402
+from vit_core.track.runs import tracking_uri  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     Compute.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        client = set_tracking(tracking_uri())
+        mlflow.set_tracking_uri(tracking_uri())  # no store is opened until one is needed
         plan = plan_evaluation(args.model, args.data, args.split)
         report = run_evaluation(plan, Compute.from_args(args))
     except user_errors() as err:
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
           f"top5 {s.get('top5', float('nan')):.4f}, loss {s.get('loss', float('nan')):.4f}, "
           f"ece {s.get('ece', float('nan')):.4f}, {int(s.get('count', 0))} images, "
           f"{report.bad_samples} bad samples")  # fmt: skip
-    run_id = log_evaluation(client, report, args.experiment)
+    run_id = log_evaluation(mlflow.MlflowClient(tracking_uri()), report, args.experiment)
     print(f"logged to MLflow run {run_id} in experiment {args.experiment}")
     return 0
 

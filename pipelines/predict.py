@@ -19,12 +19,14 @@ import argparse
 import sys
 from pathlib import Path
 
+import mlflow
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python pipelines/x.py` puts only pipelines/ on the path
 
 from vit_core.cli import user_errors  # noqa: E402
 from vit_core.eval.batch import TOP_K, Compute, predict  # noqa: E402
-from vit_core.track.runs import set_tracking, tracking_uri  # noqa: E402
+from vit_core.track.runs import tracking_uri  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     Compute.add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        set_tracking(tracking_uri())
+        mlflow.set_tracking_uri(tracking_uri())  # no store is opened until one is needed
         summary = predict(args.model, args.data, args.out, split=args.split,
                           compute=Compute.from_args(args), top_k=args.top_k)  # fmt: skip
     except user_errors() as err:

@@ -83,7 +83,9 @@ def model_dir(digits, tmp_path_factory) -> Path:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    folder = tmp_path_factory.mktemp("model") / "digits-vit"
+    # Named "model": registry.download_weights looks for artifacts/model, and MLflow
+    # stores a logged folder under its own name.
+    folder = tmp_path_factory.mktemp("digits-vit") / "model"
     save_model(model, folder)
     PRE.save(folder)
     return folder
@@ -249,17 +251,21 @@ def test_predict_cli_on_a_shard_split(digits, model_dir, reference, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "script, args, names",
+    "script, args, names, services",
     [
-        ("evaluate.py", ["--data", "{tmp}/nowhere"], "nowhere"),
-        ("evaluate.py", ["--model", "{tmp}/no-model"], "no-model"),
-        ("evaluate.py", ["--model", "{other}"], "predicts classes"),
-        ("predict.py", ["--data", "{tmp}/nowhere", "--out", "{tmp}/o"], "nowhere"),
+        ("evaluate.py", ["--data", "{tmp}/nowhere"], "nowhere", False),
+        ("evaluate.py", ["--model", "{tmp}/no-model"], "no-model", False),
+        ("evaluate.py", ["--model", "{other}"], "predicts classes", False),
+        ("predict.py", ["--data", "{tmp}/nowhere", "--out", "{tmp}/o"], "nowhere", False),
         ("predict.py", ["--model", "models:/no-such-model@candidate", "--out", "{tmp}/o"],
-         "no-such-model"),
+         "no-such-model", True),
     ],
 )  # fmt: skip
-def test_bad_input_is_one_line_and_exit_2(script, args, names, digits, model_dir, tmp_path):
+def test_bad_input_is_one_line_and_exit_2(
+    script, args, names, services, digits, model_dir, tmp_path, request
+):
+    if services:
+        request.getfixturevalue("mlflow_server")
     other = tmp_path / "letters-model"
     shutil.copytree(model_dir, other)
     Preprocessing(input_size=32, class_names=list("abcdefghij")).save(other)
@@ -267,7 +273,7 @@ def test_bad_input_is_one_line_and_exit_2(script, args, names, digits, model_dir
     for flag, value in zip(args[::2], args[1::2], strict=True):
         given[flag] = value.format(tmp=tmp_path, other=other)
     argv = [part for item in given.items() for part in item]
-    proc = cli(script, *argv, cwd=tmp_path, keep_services=False)
+    proc = cli(script, *argv, cwd=tmp_path, keep_services=services)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert names in proc.stderr
