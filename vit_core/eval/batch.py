@@ -28,16 +28,20 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vit_core import storage
 from vit_core.config import ConfigError
-from vit_core.data import DataConfig, DatasetError, build_dataset, open_dataset
+from vit_core.data import DataConfig, DatasetError, DatasetIndex, build_dataset, open_dataset
 from vit_core.data.preprocessing import PREPROCESSING_FILE, Preprocessing
 from vit_core.data.sources import IMAGE_SUFFIXES, MANIFEST_SUFFIXES, PATH_COLUMNS
 from vit_core.eval.metrics import ClassificationMetrics
 from vit_core.model import CheckpointError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 TOP_K = 5
 IMAGES_PER_BLOCK = 256  # rows per decode task for folder and manifest inputs
@@ -245,7 +249,7 @@ class EvalReport:
     """
 
     metrics: ClassificationMetrics
-    outcomes: object  # pandas.DataFrame
+    outcomes: pd.DataFrame
     model_name: str | None
     model_version: str | None
     model_uri: str
@@ -267,7 +271,7 @@ class EvalPlan:
 
     ref: ModelRef
     pre: Preprocessing
-    index: object  # vit_core.data.DatasetIndex
+    index: DatasetIndex
     split: str
 
 
@@ -280,7 +284,7 @@ def plan_evaluation(model: str, location: str, split: str) -> EvalPlan:
     return EvalPlan(ref, pre, open_split(pre, model, location, split), split)
 
 
-def open_split(pre: Preprocessing, model: str, location: str, split: str):
+def open_split(pre: Preprocessing, model: str, location: str, split: str) -> DatasetIndex:
     """The DatasetIndex at `location`, checked to have shards for `split` and the model's
     class names in the model's order. Raises DatasetError."""
     index = open_dataset(location)
