@@ -239,15 +239,20 @@ def test_evaluate_cli_logs_a_run_and_tags_the_version(
     assert mv.tags[f"eval.{version}.val.run_id"] == run.info.run_id
 
 
-def test_predict_cli_on_a_shard_split(digits, model_dir, reference, tmp_path):
+def test_predict_cli_on_a_shard_split_to_s3(digits, model_dir, reference, s3_prefix, tmp_path):
+    out = f"{s3_prefix}/predictions"
     proc = cli("predict.py", "--model", str(model_dir), "--data", digits, "--split", "val",
-               "--out", str(tmp_path / "out"), cwd=tmp_path, keep_services=False)  # fmt: skip
+               "--out", out, cwd=tmp_path, keep_services=True)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "359 predictions (0 errors)" in proc.stdout
-    rows = pq.read_table(tmp_path / "out").to_pandas()
+    fs, path = storage.pyarrow_filesystem(out)
+    rows = pq.read_table(path, filesystem=fs).to_pandas()
     assert len(rows) == 359 and rows["key"].is_unique and rows["error"].isna().all()
     assert dict(zip(rows["key"], rows["class_index"], strict=True)) == reference["predicted"]
     assert dict(zip(rows["key"], rows["label"], strict=True)) == reference["labels"]
+    again = cli("predict.py", "--model", str(model_dir), "--data", digits, "--split", "val",
+                "--out", out, cwd=tmp_path, keep_services=True)  # fmt: skip
+    assert again.returncode == 2 and "already holds files" in again.stderr
 
 
 @pytest.mark.parametrize(
