@@ -516,10 +516,7 @@ def file_dataset(paths: list[str], pre: Preprocessing):
     evaluation transform (see decode_files)."""
     import ray.data
 
-    from vit_core.data.transforms import TransformSpec
-
-    cfg = data_config(pre, "")
-    spec = TransformSpec.from_config(cfg, train=False, num_classes=len(pre.class_names))
+    spec = pre.transform_spec()
     blocks = max(1, math.ceil(len(paths) / IMAGES_PER_BLOCK))
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=blocks)
     return ds.map_batches(decode_files, fn_kwargs={"spec": spec}, batch_format="numpy",

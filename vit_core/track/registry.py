@@ -143,17 +143,31 @@ def register_model(
 
 def download_weights(uri: str, client: MlflowClient | None = None) -> Path:
     """The model folder (weights, config.json, preprocessing.json) of the version a
-    models:/ URI names, downloaded and checked against the SHA-256 recorded at
-    registration. Raises RegistryError."""
+    models:/ URI names, downloaded once per node into the storage cache and checked
+    against the SHA-256 recorded at registration on every call. Raises RegistryError."""
+    import os
+    import shutil
+
+    from vit_core import storage
+
+    # MLflow's per-file progress bars would flood the console of every worker and actor.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = client or MlflowClient()
     mv = resolve_version(client, uri)
-    root = Path(tempfile.mkdtemp(prefix="vit-registry-"))
-    local = Path(
+    # Keyed by the registry too: two tracking servers can both have "NAME version 1".
+    server = hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:12]
+    target = storage.cache_dir() / "registry" / server / mv.name / str(mv.version)
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(root)
+            artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(partial)
         )
-    )
-    model_dir = local / "artifacts" / "model"
+        try:
+            partial.rename(target)  # whole or not at all, also with several processes
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)  # another process was first
+    model_dir = model_folder(target)
     expected = mv.tags.get(SHA_TAG)
     if expected and weights_digest(model_dir) != expected:
         raise RegistryError(
@@ -161,3 +175,12 @@ def download_weights(uri: str, client: MlflowClient | None = None) -> Path:
             "changed after registration (its SHA-256 differs from the one recorded)"
         )
     return model_dir
+
+
+def model_folder(downloaded: Path) -> Path:
+    """The weights folder inside a downloaded pyfunc: MLflow keeps a logged folder under
+    its own name in artifacts/."""
+    found = [p.parent for p in downloaded.glob("artifacts/*/config.json")]
+    if len(found) != 1:
+        raise RegistryError(f"{downloaded}: expected one model folder under artifacts/")
+    return found[0]

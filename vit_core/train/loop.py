@@ -53,6 +53,10 @@ def train_loop_per_worker(config: dict) -> None:
     random.seed(cfg.train.seed + rank)
     plan = BatchPlan.of(cfg, spec.num_train, world)
 
+    if spec.tracking_uri:  # a models:/ starting point is read from the driver's registry
+        from vit_core.track.runs import set_tracking
+
+        set_tracking(spec.tracking_uri)
     model = build_model(cfg.model, spec.num_classes, fetch_weights(spec.init_weights))
     ema = (
         torch.optim.swa_utils.AveragedModel(
