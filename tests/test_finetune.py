@@ -97,7 +97,7 @@ def test_finetune_from_registry_at_higher_resolution_resumes_after_stop(
     assert client.get_model_version_by_alias(finetuned["name"], "candidate").version == "1"
     # The paper's fine-tuning head at the new resolution: linear, 6x6 patches.
     model_dir = storage.materialize(storage.join(tags["checkpoint_uri"], MODEL_DIR))
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text())["config"]
     assert (config["img_size"], config["head"], config["num_classes"]) == (48, "linear", 10)
     pre = json.loads((model_dir / "preprocessing.json").read_text())
     assert pre["input_size"] == 48 and pre["class_names"] == [str(i) for i in range(10)]

@@ -97,6 +97,25 @@ class MetricWriter:
             self._wake.notify()
         self._staged = []
 
+    def staged(self) -> list[list]:
+        """The staged metrics as [key, value, timestamp_ms, step] rows (plain data, for a
+        checkpoint to carry)."""
+        return [[m.key, m.value, m.timestamp, m.step] for m in self._staged]
+
+    def replay(self, rows: list[list]) -> int:
+        """Send the rows (from `staged`) that the run does not hold yet, e.g. the metrics of
+        the segment a resumed checkpoint covers, which a killed process may have committed
+        but never sent. Returns how many were missing."""
+        missing = []
+        for key in sorted({row[0] for row in rows}):
+            logged = {m.step for m in self.client.get_metric_history(self.run_id, key)}
+            missing += [Metric(*row) for row in rows if row[0] == key and row[3] not in logged]
+        missing.sort(key=lambda m: m.step)
+        with self._wake:
+            self._queue.extend(missing)
+            self._wake.notify()
+        return len(missing)
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         """Stage and commit at once (metrics that no checkpoint has to cover)."""
         self.stage(metrics, step)

@@ -5,6 +5,7 @@ A checkpoint directory holds:
   train_state.pt     optimiser, schedule, EMA and RNG state: tensors and plain values
                      only, read back with torch.load(weights_only=True)
   progress.json      step, epoch and the MLflow run id
+  metrics.json       the MLflow metrics logged since the previous checkpoint
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vit_core.model import VisionTransformer, save_model
 MODEL_DIR = "model"
 STATE_FILE = "train_state.pt"
 PROGRESS_FILE = "progress.json"
+METRICS_FILE = "metrics.json"  # the MLflow metrics since the previous checkpoint
 # Every file a checkpoint needs to be resumed from; a checkpoint missing one was cut
 # short (its upload interrupted) and is passed over.
 CHECKPOINT_FILES = frozenset(
@@ -170,6 +172,7 @@ class Checkpointer:
         self.preprocessing = preprocessing
         self.best_model_uri = storage.join(run_location, "best_model")
         self.rank = rank
+        self.restored_metrics: list = []  # the resumed checkpoint's metric segment
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
 
     def restore(self) -> tuple[Progress, str | None]:
@@ -184,11 +187,15 @@ class Checkpointer:
         progress = load_training_state(
             directory, self.model, self.optimizer, self.scheduler, self.ema
         )
+        if (directory / METRICS_FILE).is_file():
+            self.restored_metrics = json.loads((directory / METRICS_FILE).read_text())
         return progress, found.uri
 
-    def save(self, progress: Progress, metrics: dict, best: bool) -> None:
+    def save(self, progress: Progress, metrics: dict, best: bool, segment: list) -> None:
         """Checkpoint `progress` with `metrics` reported to Ray Train; returns once the
-        checkpoint is on storage."""
+        checkpoint is on storage. `segment`: the MLflow metrics logged since the last
+        checkpoint (rows of MetricWriter.staged), which a resume sends again if MLflow
+        lacks them."""
         import tempfile
 
         import ray.train
@@ -201,6 +208,7 @@ class Checkpointer:
                     Path(tmp), unwrap(self.model), weights, optim_state, self.scheduler,
                     progress, self.ema, self.preprocessing,
                 )  # fmt: skip
+                (Path(tmp) / METRICS_FILE).write_text(json.dumps(segment))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
                 if best:
                     storage.upload_dir(Path(tmp) / MODEL_DIR, self.best_model_uri)

@@ -80,7 +80,7 @@ def train_loop_per_worker(config: dict) -> None:
     # What actually wraps the model: DistributedDataParallel, FSDP<Model>, or the model.
     logger.tag("train.model_wrapper", type(model).__name__)
     if restored:
-        logger.resumed(progress.step, restored)
+        logger.resumed(progress.step, restored, checkpointer.restored_metrics)
 
     step = TrainStep(model, optimizer, scheduler, cfg, plan.accum, device, ema,
                      mixup_fn(cfg.data, spec.num_classes))  # fmt: skip
@@ -143,6 +143,7 @@ def save(
     if best:
         progress.best_top1 = scalars["val/top1"]
     metrics = {"epoch": progress.epoch, "bad_samples": progress.bad_samples, **scalars}
-    checkpointer.save(progress, {"step": progress.step, **metrics}, best)
-    logger.commit(progress.step, {k: float(v) for k, v in metrics.items()})
+    segment = logger.stage(progress.step, {k: float(v) for k, v in metrics.items()})
+    checkpointer.save(progress, {"step": progress.step, **metrics}, best, segment)
+    logger.commit()
 

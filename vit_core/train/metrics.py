@@ -68,10 +68,13 @@ class TrainLogger:
         if self.writer:
             self.writer.client.set_tag(self.writer.run_id, key, value)
 
-    def resumed(self, step: int, uri: str) -> None:
+    def resumed(self, step: int, uri: str, metrics: list[list]) -> None:
+        """Announce the resume, and send the resumed checkpoint's metrics that MLflow
+        lacks (committed by a process killed before its writer sent them)."""
         if self.rank == 0:
             print(f"resumed from {uri} at step {step}/{self.total_steps}", flush=True)
         if self.writer:
+            self.writer.replay(metrics)
             self.writer.log({"resumed_from_step": step}, step)
 
     def step(self, step: int, loss: float, lr: float, grad_norm: float, timer: StepTimer) -> None:
@@ -94,10 +97,17 @@ class TrainLogger:
         )
         timer.reset()
 
-    def commit(self, step: int, metrics: dict[str, float]) -> None:
-        """Stage the checkpoint's metrics and release everything staged so far."""
+    def stage(self, step: int, metrics: dict[str, float]) -> list[list]:
+        """Stage a checkpoint's metrics; returns every metric staged since the last
+        commit, for the checkpoint to carry (empty on ranks > 0)."""
+        if not self.writer:
+            return []
+        self.writer.stage(metrics, step)
+        return self.writer.staged()
+
+    def commit(self) -> None:
+        """Release the staged metrics once their checkpoint is on storage."""
         if self.writer:
-            self.writer.stage(metrics, step)
             self.writer.commit()
 
     def finish(
