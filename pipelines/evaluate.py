@@ -24,7 +24,7 @@ import mlflow
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python pipelines/x.py` puts only pipelines/ on the path
 
-from vit_core.cli import EMBEDDED_DIGITS, user_errors  # noqa: E402
+from vit_core.cli import EMBEDDED_DIGITS, report_user_errors  # noqa: E402
 from vit_core.eval.batch import Compute, plan_evaluation, run_evaluation  # noqa: E402
 from vit_core.track.runs import tracking_uri  # noqa: E402
 
@@ -41,12 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="vit-evaluate", help="MLflow experiment")
     Compute.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+    report = None
+    with report_user_errors():
         mlflow.set_tracking_uri(tracking_uri())  # no store is opened until one is needed
         plan = plan_evaluation(args.model, args.data, args.split)
         report = run_evaluation(plan, Compute.from_args(args))
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+    if report is None:
         return 2
     from vit_core.eval.tracking import log_evaluation
 

@@ -24,7 +24,7 @@ import mlflow
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python pipelines/x.py` puts only pipelines/ on the path
 
-from vit_core.cli import user_errors  # noqa: E402
+from vit_core.cli import report_user_errors  # noqa: E402
 from vit_core.eval.batch import TOP_K, Compute, predict  # noqa: E402
 from vit_core.track.runs import tracking_uri  # noqa: E402
 
@@ -42,12 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=TOP_K)
     Compute.add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+    summary = None
+    with report_user_errors():
         mlflow.set_tracking_uri(tracking_uri())  # no store is opened until one is needed
         summary = predict(args.model, args.data, args.out, split=args.split,
                           compute=Compute.from_args(args), top_k=args.top_k)  # fmt: skip
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
+    if summary is None:
         return 2
     print(f"wrote {summary.rows} predictions ({summary.errors} errors) of {summary.model_uri} "
           f"to {summary.out}")  # fmt: skip
