@@ -97,3 +97,36 @@ def test_latest_checkpoint_on_s3(tmp_path, s3_prefix):
     assert found == StoredCheckpoint(f"{s3_prefix}/checkpoint_2026-01-01_00-00-02.000001", 16)
     local = storage.materialize(found.uri)
     assert (local / MODEL_DIR / "model.safetensors").exists()
+
+
+def test_ema_checkpoint_keeps_averaged_weights_as_the_model_and_resumes_the_trained(tmp_path):
+    """With Polyak averaging the model folder (validated, registered, served) holds the
+    averaged weights; resuming restores the trained weights and the average."""
+    model, optimizer, scheduler = trained(seed=0)
+    ema = torch.optim.swa_utils.AveragedModel(
+        tiny(), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.5)
+    )
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    ema.update_parameters(model)  # now half way between
+    weights, optimizer_state = gather_state(model, optimizer)
+    save_training_state(tmp_path, model, weights, optimizer_state, scheduler,
+                        Progress(step=3), ema)  # fmt: skip
+    saved = create_model(checkpoint=tmp_path / MODEL_DIR)
+    for key, value in ema.module.state_dict().items():
+        assert torch.equal(saved.state_dict()[key], value), key
+    assert not torch.equal(saved.state_dict()["head.bias"], model.state_dict()["head.bias"])
+
+    resumed = tiny()
+    resumed_ema = torch.optim.swa_utils.AveragedModel(
+        tiny(), multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.5)
+    )
+    opt = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    assert load_training_state(tmp_path, resumed, opt, sched, resumed_ema).step == 3
+    for key, value in model.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key
+    for key, value in ema.state_dict().items():
+        assert torch.equal(resumed_ema.state_dict()[key], value), key

@@ -73,11 +73,15 @@ def save_training_state(
     preprocessing: Preprocessing | None = None,
 ) -> Path:
     """Write a checkpoint from gathered state (rank 0 only); the model folder carries
-    `preprocessing` (the preprocessing contract) when given."""
+    `preprocessing` (the preprocessing contract) when given. With an EMA copy, the model
+    folder (what is validated, registered and served) holds the averaged weights, and
+    the trained ones go into train_state.pt for resuming (paper section 3.2: Polyak
+    averaging)."""
     directory.mkdir(parents=True, exist_ok=True)
-    # A fresh CPU model of the same config carries the gathered weights into save_model.
+    weights = {k: v.detach().cpu() for k, v in weights.items()}
+    # A fresh CPU model of the same config carries the weights into save_model.
     cpu_model = VisionTransformer(config_model.config)
-    cpu_model.load_state_dict({k: v.detach().cpu() for k, v in weights.items()})
+    cpu_model.load_state_dict(ema.module.state_dict() if ema is not None else weights)
     save_model(cpu_model, directory / MODEL_DIR)
     if preprocessing is not None:
         preprocessing.save(directory / MODEL_DIR)
@@ -89,6 +93,7 @@ def save_training_state(
     }
     if ema is not None:
         state["ema"] = ema.state_dict()
+        state["model"] = weights
     torch.save(state, directory / STATE_FILE)
     (directory / PROGRESS_FILE).write_text(json.dumps(asdict(progress)))
     return directory
@@ -110,7 +115,8 @@ def load_training_state(
     set_state_dict(
         model,
         optimizer,
-        model_state_dict=load_file(directory / MODEL_DIR / "model.safetensors"),
+        model_state_dict=state.get("model")  # the trained weights of an EMA run
+        or load_file(directory / MODEL_DIR / "model.safetensors"),
         optim_state_dict=state["optimizer"],
         options=StateDictOptions(full_state_dict=True),
     )

@@ -87,6 +87,8 @@ def train_loop_per_worker(config: dict) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
     timer = StepTimer()
+    # With Polyak averaging the averaged weights are the ones validated, kept and served.
+    evaluated = ema.module if ema is not None else model
     validation: Validation | None = None
     bad = 0  # bad samples seen since the last checkpoint
     model.train()
@@ -110,17 +112,17 @@ def train_loop_per_worker(config: dict) -> None:
             if progress.step >= epoch_end:
                 break
             if cfg.train.eval_every_steps and progress.step % cfg.train.eval_every_steps == 0:
-                validation = run_validation(model, val_shard, spec, device)
+                validation = run_validation(evaluated, val_shard, spec, device)
                 save(checkpointer, logger, progress, bad, device, validation)
                 bad = 0
             elif progress.step % cfg.checkpoint.every_steps == 0:
                 save(checkpointer, logger, progress, bad, device, None)
                 bad = 0
         if progress.step >= epoch_end:
-            validation = run_validation(model, val_shard, spec, device)
+            validation = run_validation(evaluated, val_shard, spec, device)
             save(checkpointer, logger, progress, bad, device, validation)
     # Every rank takes part in gathering the weights; rank 0 draws the pictures.
-    picture_model = full_cpu_model(model) if spec.mlflow_run_id else None
+    picture_model = full_cpu_model(evaluated) if spec.mlflow_run_id else None
     logger.finish(cfg.run_name, validation, spec.class_names, picture_model,
                   cfg.data.mean, cfg.data.std)  # fmt: skip
 
