@@ -3,13 +3,14 @@ line naming what the user typed (and nothing is written)."""
 
 from __future__ import annotations
 
+import io
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE_VARIABLES = ("AWS_", "MLFLOW_", "RAY_ADDRESS", "RAY_API_SERVER", "RAY_AUTH")
@@ -68,7 +69,7 @@ def test_bad_job_inputs_fail_on_the_driver(workdir, overrides, fragments):
 
 
 def test_pickled_starting_weights_are_refused_before_training(workdir):
-    (workdir / "evil.pth").write_bytes(pickle.dumps({"state_dict": Payload()}))
+    torch.save({"state_dict": Payload()}, workdir / "evil.pth")  # as a trainer saves
     proc = run_pretrain(workdir, f"model.init_from={workdir / 'evil.pth'}")
     assert_one_line_error(proc, "model.init_from", "evil.pth", "posix.system")
     assert not (workdir / "PWNED").exists()
@@ -78,7 +79,9 @@ def test_refused_s3_checkpoint_is_named_by_its_uri(workdir, s3):
     from vit_core import storage
 
     uri = "s3://vit/tests/checks/evil.pth"
-    storage.write_bytes(uri, pickle.dumps({"state_dict": Payload()}))
+    buf = io.BytesIO()
+    torch.save({"state_dict": Payload()}, buf)
+    storage.write_bytes(uri, buf.getvalue())
     proc = run_pretrain(workdir, f"model.init_from={uri}", env_extra=s3.env())
     assert_one_line_error(proc, uri)
     assert "cache" not in proc.stderr.splitlines()[-1]
