@@ -7,7 +7,6 @@ whose weights were changed after registration refuses to load."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import re
@@ -19,12 +18,11 @@ import uuid
 from pathlib import Path
 
 import mlflow
-import numpy as np
+import pandas as pd
 import pytest
 from conftest import SMALL_JOB
 from jobs import ROOT, SubmittedJob, sets
 from mlflow.tracking import MlflowClient
-from PIL import Image
 
 from vit_core import storage
 from vit_core.track import promotion
@@ -32,15 +30,16 @@ from vit_core.track.registry import register_model
 from vit_core.train.checkpoint import MODEL_DIR, latest_stored_checkpoint
 
 
-def digit_png(value: int, size: int = 32) -> bytes:
-    from sklearn.datasets import load_digits
+def stored_pngs(location: str, split: str, count: int) -> list[bytes]:
+    """The first `count` images of a split, as stored (PNG bytes)."""
+    from vit_core.data import read_index
+    from vit_core.data.index import open_stream
+    from vit_core.data.shards import iter_samples
 
-    digits = load_digits()
-    index = int(np.flatnonzero(digits.target == value)[-1])
-    pixels = (digits.images[index] * (255 / 16)).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).resize((size, size), Image.BICUBIC).save(buf, "PNG")
-    return buf.getvalue()
+    index = read_index(location)
+    with open_stream(index.shard_location(index.shards(split)[0])) as stream:
+        samples = iter_samples(stream.read)
+        return [next(samples).image for _ in range(count)]
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +161,10 @@ def test_promotion_promotes_better_refuses_worse_and_rolls_back(
     client.set_registered_model_alias(name, "champion", "1")  # for the serving test
 
 
-def test_served_champion_answers_http_with_a_png(finetuned, mlflow_server, tmp_path):
-    """`mlflow models serve -m models:/NAME@champion` answers a JSON request carrying a PNG
-    as base64, as MLflow's REST protocol sends binary data."""
+def test_served_champion_answers_http_with_a_png(finetuned, mlflow_server, digits_s3, tmp_path):
+    """`mlflow models serve -m models:/NAME@champion` answers a JSON request carrying PNGs
+    as base64, as MLflow's REST protocol sends binary data, with what the model gives
+    in-process for the same bytes."""
     from infra.local.stack import free_port, kill_group
 
     port = free_port()
@@ -186,7 +186,7 @@ def test_served_champion_answers_http_with_a_png(finetuned, mlflow_server, tmp_p
             except OSError:
                 assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
                 time.sleep(1)
-        pngs = [digit_png(d) for d in (0, 3, 7)]
+        pngs = stored_pngs(digits_s3, "val", 8)
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [
             [base64.b64encode(p).decode()] for p in pngs]}}).encode()  # fmt: skip
         request = urllib.request.Request(
@@ -196,13 +196,16 @@ def test_served_champion_answers_http_with_a_png(finetuned, mlflow_server, tmp_p
             predictions = json.load(resp)["predictions"]
     finally:
         kill_group(server.pid)
-    assert len(predictions) == 3
-    for row in predictions:
+    assert len(predictions) == 8
+    local = mlflow.pyfunc.load_model(f"models:/{finetuned['name']}@champion").predict(
+        pd.DataFrame({"image": pngs})
+    )
+    for row, (_, expected) in zip(predictions, local.iterrows(), strict=True):
         assert set(row) >= {"class_index", "class_name", "probability", "top_k"}
-        assert row["class_name"] == str(row["class_index"]) and 0 < row["probability"] <= 1
+        assert row["class_name"] == str(row["class_index"]) == expected["class_name"]
+        assert row["probability"] == pytest.approx(expected["probability"], abs=1e-6)
         top = json.loads(row["top_k"])
         assert len(top) == 5 and top[0]["class_name"] == row["class_name"]
-    assert sum(r["class_name"] == str(d) for r, d in zip(predictions, (0, 3, 7), strict=True)) >= 2
 
 
 def test_changed_weights_refuse_to_load(finetuned, mlflow_server):
