@@ -157,24 +157,36 @@ def download_weights(uri: str, client: MlflowClient | None = None) -> Path:
     # Keyed by the registry too: two tracking servers can both have "NAME version 1".
     server = hashlib.sha256(mlflow.get_tracking_uri().encode()).hexdigest()[:12]
     target = storage.cache_dir() / "registry" / server / mv.name / str(mv.version)
-    if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(partial)
-        )
-        try:
-            partial.rename(target)  # whole or not at all, also with several processes
-        except OSError:
-            shutil.rmtree(partial, ignore_errors=True)  # another process was first
-    model_dir = model_folder(target)
     expected = mv.tags.get(SHA_TAG)
-    if expected and weights_digest(model_dir) != expected:
-        raise RegistryError(
-            f"registered model {mv.name} version {mv.version}: weights file {WEIGHTS_FILE} "
-            "changed after registration (its SHA-256 differs from the one recorded)"
-        )
-    return model_dir
+    for _attempt in ("cached", "fresh"):
+        if not target.is_dir():
+            _download(mv, target)
+        model_dir = model_folder(target)
+        if not expected or weights_digest(model_dir) == expected:
+            return model_dir
+        # A cached copy can be stale (a registry recreated under the same URI): the
+        # version's files are fetched once more before they are called changed.
+        shutil.rmtree(target, ignore_errors=True)
+    raise RegistryError(
+        f"registered model {mv.name} version {mv.version}: weights file {WEIGHTS_FILE} "
+        "changed after registration (its SHA-256 differs from the one recorded)"
+    )
+
+
+def _download(mv, target: Path) -> None:
+    """The version's files into `target`, whole or not at all (also with several
+    processes on one node)."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".download-", dir=target.parent))
+    mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{mv.name}/{mv.version}", dst_path=str(partial)
+    )
+    try:
+        partial.rename(target)
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)  # another process was first
 
 
 def model_folder(downloaded: Path) -> Path:
