@@ -51,6 +51,7 @@ def finetuned(ray_cluster, mlflow_server, digits_s3, pretrained_backbone):
     args = sets(
         *SMALL_JOB, f"run_name={run_name}", f"storage={store}", f"data.location={digits_s3}",
         f"model.init_from=models:/{pretrained_backbone}@backbone", "train.steps=48",
+        "model.img_size=48", "data.image_size=48", "optim.lr=0.03", "optim.ema_decay=0",
         "checkpoint.every_steps=8", f"tracking.experiment=ft-{tag}",
         f"tracking.registered_model={name}",
     )  # fmt: skip
