@@ -128,10 +128,6 @@ def load_training_state(
     return Progress(**json.loads((directory / PROGRESS_FILE).read_text()))
 
 
-def read_progress(directory: Path) -> Progress:
-    return Progress(**json.loads((directory / PROGRESS_FILE).read_text()))
-
-
 @dataclass(frozen=True)
 class StoredCheckpoint:
     uri: str
