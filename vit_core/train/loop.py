@@ -66,6 +66,8 @@ def train_loop_per_worker(config: dict) -> None:
         else None
     )
     model = wrap_model(model, cfg, device)
+    if ema is not None:
+        ema.to(device)  # averaged from, and validated on, the trainer's device
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, plan.total_steps, cfg.optim)
     checkpointer = Checkpointer(spec.run_location, rank, model, optimizer, scheduler, ema,
