@@ -26,6 +26,12 @@ def test_paper_recipe_presets_hold_the_paper_values():
     assert (i21k.train.global_batch_size, i21k.model.drop_rate, i21k.model.img_size) == (4096, 0.1, 224)
     i1k = load_config(TrainConfig, PRESETS / "vit_b16_i1k.yaml")
     assert (i1k.optim.lr, i1k.optim.schedule, i1k.optim.weight_decay) == (3e-3, "cosine", 0.3)
+    # Fine-tuning (section 3.2, Table 4): SGD 0.9, no decay, batch 512, a step budget, 384 px.
+    for name, steps in (("vit_b16_cifar10_384.yaml", 10_000), ("vit_b16_i1k_384.yaml", 20_000)):
+        ft = load_config(TrainConfig, PRESETS / name)
+        assert (ft.optim.name, ft.optim.momentum, ft.optim.weight_decay) == ("sgd", 0.9, 0.0)
+        assert (ft.train.global_batch_size, ft.train.steps, ft.optim.clip_grad_norm) == (512, steps, 1.0)
+        assert (ft.model.img_size, ft.model.replace_head, ft.model.head) == (384, True, "linear")
 
 
 def test_dotted_overrides_are_typed():
