@@ -63,12 +63,10 @@ def pin_model(model: str) -> ModelRef:
     tracking URI); a local path made absolute; an s3:// URI as it is. Raises
     RegistryError for a models:/ URI that names nothing."""
     if model.startswith("models:/"):
-        from mlflow.tracking import MlflowClient
+        from vit_core.track.registry import pin
 
-        from vit_core.track.registry import resolve_version
-
-        mv = resolve_version(MlflowClient(), model)
-        return ModelRef(f"models:/{mv.name}/{mv.version}", mv.name, str(mv.version), model)
+        pinned, mv = pin(model)
+        return ModelRef(pinned, mv.name, str(mv.version), model)
     if storage.is_remote(model):
         return ModelRef(model, requested=model)
     return ModelRef(str(Path(model).absolute()), requested=model)

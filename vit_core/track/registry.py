@@ -74,6 +74,13 @@ def resolve_version(client: MlflowClient, uri: str):
         raise RegistryError(f"{uri}: no such registered model version ({err.message})") from None
 
 
+def pin(uri: str, client: MlflowClient | None = None) -> tuple[str, object]:
+    """(models:/NAME/VERSION, its ModelVersion) for a models:/ URI: an alias is read once,
+    so a job, its workers and their restarts all use one version. Raises RegistryError."""
+    mv = resolve_version(client or MlflowClient(), uri)
+    return f"models:/{mv.name}/{mv.version}", mv
+
+
 def _example_png() -> bytes:
     from PIL import Image
 

@@ -97,16 +97,10 @@ def resolve_init(init_from: str | None) -> tuple[str | None, dict[str, str]]:
     if init_from is None:
         return None, {}
     if init_from.startswith("models:/"):
-        from mlflow.tracking import MlflowClient
+        from vit_core.track.registry import pin
 
-        from vit_core.track.registry import resolve_version
-
-        set_tracking(tracking_uri())
-        mv = resolve_version(MlflowClient(), init_from)
-        return f"models:/{mv.name}/{mv.version}", {
-            "base_model": mv.name,
-            "base_model_version": str(mv.version),
-        }
+        pinned, mv = pin(init_from, set_tracking(tracking_uri()))
+        return pinned, {"base_model": mv.name, "base_model_version": str(mv.version)}
     return init_from, {"base_weights": init_from}
 
 
