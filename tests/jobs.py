@@ -15,10 +15,7 @@ class SubmittedJob:
         from ray.job_submission import JobSubmissionClient
 
         self.client = JobSubmissionClient(ray_cluster.dashboard_url)
-        self.job_id = self.client.submit_job(
-            entrypoint=" ".join(["python", f"pipelines/{script}", *args]),
-            runtime_env={"working_dir": str(ROOT), "excludes": ["data/", "runs/", "*.db"]},
-        )
+        self.job_id = submit(self.client, " ".join(["python", f"pipelines/{script}", *args]))
 
     def wait(self, timeout: float = 600) -> str:
         deadline = time.monotonic() + timeout
@@ -35,6 +32,22 @@ class SubmittedJob:
 
     def stop(self) -> None:
         self.client.stop_job(self.job_id)
+
+
+def submit(client, entrypoint: str, timeout: float = 90) -> str:
+    """Submit with the repository as working dir. A head node that has just started
+    answers "No available agent" until its job agent registers: that is retried."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.submit_job(
+                entrypoint=entrypoint,
+                runtime_env={"working_dir": str(ROOT), "excludes": ["data/", "runs/", "*.db"]},
+            )
+        except RuntimeError as err:
+            if "No available agent" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def sets(*overrides: str) -> list[str]:

@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from jobs import submit
+from listeners import group_pids, listeners, loopback
 from mlflow.tracking import MlflowClient
 
 from vit_core import create_model, storage
@@ -137,10 +139,7 @@ class Job:
 
     def submit(self) -> str:
         args = " ".join(f"--set {o}" for o in self.overrides)
-        self.job_id = self.client.submit_job(
-            entrypoint=f"python pipelines/pretrain.py {args}",
-            runtime_env={"working_dir": str(ROOT), "excludes": ["data/", "runs/", "*.db"]},
-        )
+        self.job_id = submit(self.client, f"python pipelines/pretrain.py {args}")
         return self.job_id
 
     def wait(self, timeout: float = 600) -> str:
@@ -256,6 +255,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, mlflow_server, 
     job.wait_for_checkpoints()
     alive = [w for w in train_workers(ray_cluster, job.job_id) if w.state == "ALIVE"]
     assert alive, "training workers should be running"
+    assert_cluster_listens_on_loopback_only(ray_cluster, {w.pid for w in alive})
     victim = alive[-1]
     print(f"killing train worker pid {victim.pid} on node {victim.node_id}")
     os.kill(victim.pid, signal.SIGKILL)
@@ -268,6 +268,16 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_cluster, mlflow_server, 
     # The restarted worker group went on from a checkpoint, not from step 0.
     assert len(resumed) == 1 and resumed[0].value >= 8, resumed
     assert "resumed from " in job.logs()
+
+
+def assert_cluster_listens_on_loopback_only(ray_cluster, trainer_pids: set[int]) -> None:
+    """Every listening socket of the cluster's processes, the training workers' process
+    group (torch's store, gloo) among them, is on 127.0.0.1."""
+    pids = trainer_pids.union(*(group_pids(pgid) for pgid in ray_cluster.pgids))
+    found = listeners(pids)
+    assert trainer_pids & {pid for pid, _ in found}, "rank 0 serves the process group's store"
+    not_loopback = {(pid, a) for pid, a in found if not loopback(a)}
+    assert not not_loopback, f"listening beyond 127.0.0.1 (pid, address): {not_loopback}"
 
 
 @pytest.mark.slow

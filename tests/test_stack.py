@@ -1,7 +1,6 @@
 """The local stack: real services on 127.0.0.1, started, checked and stopped."""
 
 import http.client
-import ipaddress
 import os
 import re
 import socket
@@ -13,40 +12,11 @@ import boto3
 import mlflow
 import psutil
 import pytest
+from listeners import group_pids, listening_addresses, loopback
 
 from infra.local.stack import HOST, MLflowServer, SeaweedFS, StackError, find_binary, port_is_free
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def listening_addresses(pids: set[int]) -> set[str]:
-    return {
-        c.laddr.ip
-        for c in psutil.net_connections("inet")
-        if c.status == psutil.CONN_LISTEN and c.pid in pids
-    }
-
-
-def group_pids(pgid: int) -> set[int]:
-    """Live processes of a group (a killed child its parent has not reaped yet is not)."""
-    return {
-        p.pid
-        for p in psutil.process_iter(["status"])
-        if _pgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE
-    }
-
-
-def _loopback(address: str) -> bool:
-    ip = ipaddress.ip_address(address)
-    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1 is the same socket family trick
-    return (mapped or ip).is_loopback
-
-
-def _pgid(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
 
 
 def test_mlflow_run_artifact_lands_in_s3(mlflow_server, s3):
@@ -94,7 +64,7 @@ def test_services_listen_on_loopback_only(s3, mlflow_server, ray_cluster):
         pids |= group_pids(pgid)
     addresses = listening_addresses(pids)
     assert addresses, "the services should be listening"
-    not_loopback = {a for a in addresses if not _loopback(a)}
+    not_loopback = {a for a in addresses if not loopback(a)}
     assert not not_loopback, f"listening beyond 127.0.0.1: {not_loopback}"
 
 

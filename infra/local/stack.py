@@ -375,6 +375,9 @@ class RayCluster:
             sys.executable, "-m", "infra.local.ray_node", "start", "--block",
             f"--node-ip-address={HOST}", f"--num-cpus={self.cpus_per_node}",
             "--num-gpus=0", "--object-store-memory=300000000", "--disable-usage-stats",
+            # Each node's agent its own HTTP port (the job API goes through the head's):
+            # Ray's fixed default, 52365, is taken by the first node or cluster on the host.
+            f"--dashboard-agent-listen-port={free_port()}",
             *args,
         ]  # fmt: skip
         env = {

@@ -27,6 +27,7 @@ from vit_core.train.checkpoint import MODEL_DIR, latest_stored_checkpoint
 from vit_core.train.config import TrainConfig
 from vit_core.train.loop import WorkerSpec, train_loop_per_worker
 from vit_core.train.model_setup import build_model, fetch_weights, parallel_strategy
+from vit_core.train.process_group import NodeAddressTorchConfig
 from vit_core.train.step import BatchPlan
 
 # Run names become storage prefixes and MLflow tags: no path separators or dot-dot.
@@ -170,6 +171,8 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec},
+        # The process group's store listens on the node's address, not on every interface.
+        torch_config=NodeAddressTorchConfig(),
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
