@@ -59,6 +59,7 @@ def assert_one_line_error(proc, *fragments: str) -> None:
         (["run_name=../escape"], ["run_name '../escape'"]),
         (["tracking.registered_model=team/vit"], ["'team/vit'", "'/'"]),
         (["data.val_split=test"], ["data.val_split", "'test'"]),
+        (["scaling.wait_for_workers_s=0"], ["scaling.wait_for_workers_s: 0"]),
     ],
 )
 def test_bad_job_inputs_fail_on_the_driver(workdir, overrides, fragments):

@@ -25,8 +25,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from vit_core.data import DatasetError
     from vit_core.model import CheckpointError
     from vit_core.track.registry import RegistryError
+    from vit_core.train.scaling import CapacityError
 
-    return (ConfigError, DatasetError, storage.StorageError, CheckpointError, RegistryError)
+    return (ConfigError, DatasetError, storage.StorageError, CheckpointError, RegistryError,
+            CapacityError)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -87,6 +87,13 @@ class ScalingSection:
     # PACK fills nodes in turn; SPREAD/STRICT_SPREAD put workers on different nodes.
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     max_failures: int = 3
+    # How long one start of the worker group may wait for its resources (a new job, or a
+    # restart after a failure); then the job stops with one line naming what it waited
+    # for and what the cluster has, and its MLflow run is marked FAILED.
+    wait_for_workers_s: float = 600.0
+    # CPUs the trainers must leave free in the cluster for Ray Data's read and decode
+    # tasks: trainers holding every CPU leave those tasks pending forever.
+    data_cpus: float = 1.0
 
 
 @dataclass

@@ -28,6 +28,13 @@ from vit_core.train.config import TrainConfig
 from vit_core.train.loop import WorkerSpec, train_loop_per_worker
 from vit_core.train.model_setup import build_model, fetch_weights, parallel_strategy
 from vit_core.train.process_group import NodeAddressTorchConfig
+from vit_core.train.scaling import (
+    check_data_cpus,
+    check_scaling,
+    failure_config,
+    placement_limits,
+    scaling_config,
+)
 from vit_core.train.step import BatchPlan
 
 # Run names become storage prefixes and MLflow tags: no path separators or dot-dot.
@@ -70,6 +77,7 @@ def check_inputs(cfg: TrainConfig) -> CheckedInputs:
             f"run_name {cfg.run_name!r}: use letters, digits, '.', '_' and '-' (it names a "
             "storage prefix and an MLflow tag)"
         )
+    check_scaling(cfg)
     if cfg.tracking.register:
         check_model_name(cfg.tracking.registered_model)
     if parallel_strategy(cfg) == "fsdp" and cfg.optim.ema_decay > 0:
@@ -173,17 +181,12 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
         train_loop_config={"spec": spec},
         # The process group's store listens on the node's address, not on every interface.
         torch_config=NodeAddressTorchConfig(),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-            placement_strategy=cfg.scaling.placement_strategy,
-        ),
+        scaling_config=scaling_config(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.run_name,
             storage_path=path,
             storage_filesystem=fs,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            failure_config=failure_config(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
         ),
         datasets={
@@ -192,7 +195,8 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
             "val": build_dataset(cfg.data, cfg.data.val_split, train=False, index=index),
         },
     )
-    with mark_run_on_exit(client, run_id):
+    with mark_run_on_exit(client, run_id), placement_limits(cfg):
+        check_data_cpus(cfg, cfg.scaling.num_workers)
         result = trainer.fit()
     latest = latest_stored_checkpoint(location)
     if latest is None:

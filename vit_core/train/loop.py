@@ -26,6 +26,7 @@ from vit_core.train.evaluator import Validation, validate
 from vit_core.train.metrics import StepTimer, TrainLogger, timed
 from vit_core.train.model_setup import build_model, fetch_weights, full_cpu_model, wrap_model
 from vit_core.train.optim import build_optimizer, build_scheduler
+from vit_core.train.scaling import check_data_cpus
 from vit_core.train.step import BatchPlan, TrainStep
 
 
@@ -51,6 +52,8 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(cfg.train.seed + rank)
     random.seed(cfg.train.seed + rank)
+    # A worker group restarted on a smaller cluster must still leave Ray Data its CPUs.
+    check_data_cpus(cfg, world)
     plan = BatchPlan.of(cfg, spec.num_train, world)
 
     if spec.tracking_uri:  # a models:/ starting point is read from the driver's registry
