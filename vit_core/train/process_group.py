@@ -57,8 +57,8 @@ class NodeAddressBackend(Backend):
         world_size = len(worker_group)
         ray.get([
             worker_group.execute_single_async(
-                rank, join_process_group, backend=backend, addr=addr, port=port, rank=rank,
-                world_size=world_size, timeout_s=backend_config.timeout_s,
+                rank, join_process_group, backend=backend, addr=addr, port=port,
+                world_rank=rank, world_size=world_size, timeout_s=backend_config.timeout_s,
             )
             for rank in range(world_size)
         ])  # fmt: skip
@@ -84,13 +84,14 @@ def open_store_socket() -> tuple[str, int]:
 
 
 def join_process_group(
-    backend: str, addr: str, port: int, rank: int, world_size: int, timeout_s: float
+    backend: str, addr: str, port: int, world_rank: int, world_size: int, timeout_s: float
 ) -> None:
     """Create the store (rank 0 serves it on the socket `open_store_socket` made; the
     others connect to addr:port) and initialise torch.distributed's default group.
     Sets the torchrun variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, ...) too,
     for libraries that read them."""
     global _listener
+    rank = world_rank
     context = ray.train.get_context()
     os.environ.update({
         "RANK": str(rank), "WORLD_SIZE": str(world_size),
