@@ -30,6 +30,9 @@ class SubmittedJob:
         raise AssertionError(f"job {self.job_id} still running after {timeout}s:\n"
                              f"{self.logs()[-3000:]}")  # fmt: skip
 
+    def status(self) -> str:
+        return str(self.client.get_job_status(self.job_id))
+
     def logs(self) -> str:
         return self.client.get_job_logs(self.job_id)
 

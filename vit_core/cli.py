@@ -56,7 +56,7 @@ def run_cli(
     argv: list[str] | None,
     config_class: type,
     run: Callable,
-    default_preset: str,
+    default_preset: str | list[str],
     presets_dir: Path,
 ) -> int:
     """Parse the config (presets by name from `presets_dir`, which the job script passes
