@@ -15,10 +15,19 @@ class SubmittedJob:
         from ray.job_submission import JobSubmissionClient
 
         self.client = JobSubmissionClient(ray_cluster.dashboard_url)
-        self.job_id = self.client.submit_job(
-            entrypoint=" ".join(["python", f"pipelines/{script}", *args]),
-            runtime_env={"working_dir": str(ROOT), "excludes": ["data/", "runs/", "*.db"]},
-        )
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                self.job_id = self.client.submit_job(
+                    entrypoint=" ".join(["python", f"pipelines/{script}", *args]),
+                    runtime_env={"working_dir": str(ROOT), "excludes": ["data/", "runs/", "*.db"]},
+                )
+                return
+            except RuntimeError as err:
+                # A node's job agent may still be starting on a loaded machine.
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(3)
 
     def wait(self, timeout: float = 600) -> str:
         deadline = time.monotonic() + timeout

@@ -96,8 +96,9 @@ def search(ray_cluster, mlflow_server, digits_s3):
         ended = exp and client.search_runs(
             [exp.experiment_id], "tags.`vit.tune.state` != ''", max_results=1
         )  # fmt: skip
-        if ended or first.status() in ("SUCCEEDED", "FAILED", "STOPPED"):
+        if ended:
             break
+        assert first.status() in ("PENDING", "RUNNING"), first.logs()[-5000:]
         time.sleep(2)
     stopped_while_running = first.status() == "RUNNING"
     # What MLflow holds at the stop: the ended trials' steps, and the running trials

@@ -375,6 +375,10 @@ class RayCluster:
             sys.executable, "-m", "infra.local.ray_node", "start", "--block",
             f"--node-ip-address={HOST}", f"--num-cpus={self.cpus_per_node}",
             "--num-gpus=0", "--object-store-memory=300000000", "--disable-usage-stats",
+            # Ray's agent takes 52365 on every node by default; on one host only the first
+            # node (of any cluster) would get it, and jobs can only be submitted to nodes
+            # whose agent serves HTTP.
+            f"--dashboard-agent-listen-port={free_port()}",
             *args,
         ]  # fmt: skip
         env = {

@@ -51,6 +51,7 @@ from vit_core.train.job import (
 from vit_core.tune.config import (
     Dimension,
     SearchConfig,
+    TuneSection,
     dimensions,
     grid_size,
     param_space,
@@ -145,7 +146,7 @@ def run_search(cfg: SearchConfig) -> TrainingOutcome:
     with mark_run_on_exit(client, search_run_id):
         tuner.fit()
         trials = recorded_trials(client, plan, dims, cfg.tune.metric)
-        log_search(client, plan, dims, cfg.tune.metric, trials)
+        log_search(client, plan, dims, cfg.tune, trials)
         finished = [t for t in trials if t.value is not None and t.state != "failed"]
         if not finished:
             raise RuntimeError(f"search {cfg.run_name}: no trial finished; see the trials' "
@@ -308,7 +309,7 @@ def parse_param(text: str | None):
         return text
 
 
-def log_search(client, plan: SearchPlan, dims: list[Dimension], metric: str,
+def log_search(client, plan: SearchPlan, dims: list[Dimension], tune_cfg: TuneSection,
                trials: list[TrialRecord]) -> None:  # fmt: skip
     """The search's own run: trial counts, total trial-steps, and two pictures: the final
     metric against each searched hyperparameter, and every trial's learning curve."""
@@ -316,6 +317,7 @@ def log_search(client, plan: SearchPlan, dims: list[Dimension], metric: str,
 
     from vit_core.track import plots
 
+    metric = tune_cfg.metric
     counts = {
         "tune/trials": len(trials),
         "tune/completed": sum(t.state == "completed" for t in trials),
@@ -326,7 +328,8 @@ def log_search(client, plan: SearchPlan, dims: list[Dimension], metric: str,
     }
     finished = [t.value for t in trials if t.value is not None and t.state != "failed"]
     if finished:
-        counts[f"tune/best_{metric.replace('/', '_')}"] = max(finished)
+        best = max(finished) if tune_cfg.mode == "max" else min(finished)
+        counts[f"tune/best_{metric.replace('/', '_')}"] = best
     now = int(time.time() * 1000)
     client.log_batch(plan.search_run_id, metrics=[Metric(k, float(v), now, 0)
                                                   for k, v in counts.items()])  # fmt: skip
