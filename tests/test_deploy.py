@@ -54,7 +54,7 @@ OPTIONAL = {
 SET_BY_CODE = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}
 # Programs a project-image container runs besides the project's code, and the installed
 # packages (Python and shared libraries) whose files name the variables they read.
-THIRD_PARTY = ("mlflow", "ray", "botocore", "psycopg2", "psycopg2_binary.libs")
+THIRD_PARTY = ("mlflow", "ray", "botocore", "psycopg", "psycopg_binary.libs")
 ENV_NAME = re.compile(r"^(AWS|MLFLOW|RAY|VIT)_[A-Z0-9_]+$")
 SENSITIVE = re.compile(r"KEY|SECRET|PASSWORD|TOKEN|CREDENTIAL", re.I)
 LITERAL_SECRETS = {
