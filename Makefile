@@ -25,8 +25,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# make stack-up DB=postgres: MLflow on PostgreSQL instead of SQLite
+DB ?= sqlite
 stack-up: $(STAMP)
-	$(BIN)/python -m infra.local.stack up
+	$(BIN)/python -m infra.local.stack up --db $(DB)
 
 stack-down: $(STAMP)
 	$(BIN)/python -m infra.local.stack down

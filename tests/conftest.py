@@ -26,7 +26,14 @@ for _name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "RAY_ADDRE
 
 import pytest  # noqa: E402
 
-from infra.local.stack import MLflowServer, RayCluster, SeaweedFS  # noqa: E402
+from infra.local.stack import (  # noqa: E402
+    MLflowServer,
+    PostgresServer,
+    RayCluster,
+    SeaweedFS,
+    StackError,
+    postgres_bindir,
+)
 
 
 class EnvPatch:
@@ -99,6 +106,24 @@ def mlflow_server(s3, tmp_path_factory, session_env) -> MLflowServer:
     session_env.set(server.env())
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory) -> PostgresServer:
+    """PostgreSQL on 127.0.0.1 (Debian's `postgresql` package, which .ci/run installs).
+    Where its programs are missing, the tests that need it skip, except in CI (CI=true),
+    where they fail."""
+    try:
+        postgres_bindir()
+    except StackError as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the PostgreSQL tests: {err}")
+        pytest.skip(str(err))
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
+    server.start()
+    yield server
+    server.stop()
+    server.remove_data()
 
 
 @pytest.fixture(scope="session")
