@@ -72,9 +72,6 @@ class RayJobLogReader(PipesMessageReader):
             print(line, flush=False)
         sys.stdout.flush()
 
-    def tail(self, lines: int = 40) -> str:
-        return ""
-
     def no_messages_debug_text(self) -> str:
         return "Pipes messages are read from the Ray job's log (get_job_logs)."
 
@@ -145,30 +142,19 @@ class RayJobPipesClient(dg.PipesClient):
                                  "attaching to it instead of submitting again")  # fmt: skip
             else:
                 submission_id = base if not previous else f"{base}-{len(previous) + 1}"
-                reused = False
                 entrypoint = " ".join(["python", f"pipelines/{script}", *map(_quote, args)])
-                try:
-                    client.submit_job(
-                        entrypoint=entrypoint,
-                        submission_id=submission_id,
-                        entrypoint_num_cpus=entrypoint_num_cpus,
-                        runtime_env={
-                            "working_dir": str(ROOT),
-                            "excludes": EXCLUDES,
-                            # Only the Pipes bootstrap (the step's context: run id, step,
-                            # where to write messages); the cluster has its own credentials.
-                            "env_vars": session.get_bootstrap_env_vars(),
-                        },
-                        metadata={"dagster_run_id": context.run_id,
-                                  "dagster_step": context.op_handle.name},
-                    )  # fmt: skip
-                    context.log.info(f"submitted Ray job {submission_id}: {entrypoint}")
-                except RuntimeError as err:
-                    # Another process of this run submitted it between our look and now.
-                    if "already exists" not in str(err):
-                        raise
-                    reused = True
-                    context.log.info(f"Ray job {submission_id} already submitted: attaching")
+                reused = self._submit(client, context, submission_id, entrypoint, dict(
+                    entrypoint_num_cpus=entrypoint_num_cpus,
+                    runtime_env={
+                        "working_dir": str(ROOT),
+                        "excludes": EXCLUDES,
+                        # Only the Pipes bootstrap (the step's context: run id, step, where
+                        # to write messages); the cluster has its own credentials.
+                        "env_vars": session.get_bootstrap_env_vars(),
+                    },
+                    metadata={"dagster_run_id": context.run_id,
+                              "dagster_step": context.op_handle.name},
+                ))  # fmt: skip
             status = self._wait(client, submission_id, reader)
         record = {}
         for message in session.get_custom_messages():
@@ -186,6 +172,25 @@ class RayJobPipesClient(dg.PipesClient):
                              "reported no result through Dagster Pipes")  # fmt: skip
         context.add_output_metadata({"ray_submission_id": submission_id, "reused_job": reused})
         return RayJobResult(submission_id, status, reused, record)
+
+    def _submit(self, client, context, submission_id: str, entrypoint: str, options: dict,
+                patience: float = 120) -> bool:  # fmt: skip
+        """Submit under `submission_id`; True when a job of that id was already there (then
+        it is attached to). Ray answers "No available agent" while a node's agent is still
+        starting: that is waited out for up to `patience` seconds."""
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                client.submit_job(entrypoint=entrypoint, submission_id=submission_id, **options)
+                context.log.info(f"submitted Ray job {submission_id}: {entrypoint}")
+                return False
+            except RuntimeError as err:
+                if "already exists" in str(err):  # submitted by another try of this step
+                    context.log.info(f"Ray job {submission_id} already submitted: attaching")
+                    return True
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(3)
 
     def _wait(self, client, submission_id: str, reader: RayJobLogReader) -> str:
         while True:
