@@ -173,3 +173,41 @@ def test_killed_finetune_job_then_resume_from_failure(
     status = subprocess.run([sys.executable, "pipelines/workflows/cli.py", "status", new_run],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
     assert "SUCCESS" in status.stdout and "finetune_from_champion: SUCCESS" in status.stdout
+
+
+@pytest.mark.slow
+def test_sensor_starts_one_run_per_new_dataset_version(dagster_services, s3):
+    """A new <prefix>/<name>/index.json starts exactly one finetune_pipeline run (run key:
+    the dataset's version); further ticks with nothing new start none."""
+    import yaml
+    from dagster import DagsterInstance, RunsFilter
+
+    from vit_core.data import make_digits_shards, read_index
+
+    prefix = f"s3://vit/datasets/sensed-{uuid.uuid4().hex[:6]}"
+    # The runs it starts stop in their first step, at the config check (a misspelt key),
+    # so no Ray job is submitted: the runs, not their work, are what is counted here.
+    dagster_services.settings.write_text(yaml.safe_dump({
+        "sensor": {"watch": prefix, "interval_seconds": 5, "running": True},
+        "finetune": {"run_config": {"ops": {"finetune_from_champion": {
+            "config": {"overrides": ["train.no_such_key=1"]}}}}},
+    }))  # fmt: skip
+    client = graphql(dagster_services)
+    client.reload_repository_location("vit")  # the sensor's running state is read on load
+
+    def runs():
+        with DagsterInstance.get() as instance:
+            return instance.get_runs(RunsFilter(job_name="finetune_pipeline",
+                                                tags={"vit/dataset": f"{prefix}/v1"}))  # fmt: skip
+
+    time.sleep(12)  # ticks over an empty prefix: nothing to run
+    assert runs() == []
+    make_digits_shards(f"{prefix}/v1", image_size=8, progress=False)
+    (run,) = wait_for(runs, 120, "the sensor's run")
+    assert run.tags["dagster/run_key"] == read_index(f"{prefix}/v1").version
+    assert wait_run(dagster_services, run.run_id) == "FAILURE"
+    assert "unknown config key train.no_such_key" in failures(run.run_id)
+    time.sleep(15)  # three more ticks, nothing new
+    assert len(runs()) == 1
+    dagster_services.settings.write_text("{}\n")
+    client.reload_repository_location("vit")

@@ -86,11 +86,12 @@ def check_run_config(context: dg.OpExecutionContext) -> None:
     from vit_core.config import ConfigError
 
     ops = (context.run_config or {}).get("ops", {})
-    for name, job in (("pretrain", "pretrain"), ("finetune", "finetune")):
+    for name, job in (("pretrain", "pretrain"), ("finetune", "finetune"),
+                      ("finetune_from_champion", "finetune")):  # fmt: skip
         raw = (ops.get(name) or {}).get("config")
         if raw is None:
             continue
-        step = FinetuneStep(**raw) if name == "finetune" else TrainStep(**raw)
+        step = FinetuneStep(**raw) if job == "finetune" else TrainStep(**raw)
         which = "tune" if getattr(step, "search", False) else job
         try:
             resolve_train_config(step, which)
