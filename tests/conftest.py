@@ -187,3 +187,24 @@ def pretrained_backbone(ray_cluster, mlflow_server, digits_s3) -> str:
         f"tracking.registered_model={name}", "tracking.alias=backbone",
     ))  # fmt: skip
     return name
+
+
+@pytest.fixture(scope="session")
+def dagster_services(ray_cluster, mlflow_server, s3, tmp_path_factory, session_env):
+    """Dagster's daemon and webserver on 127.0.0.1 over a temporary DAGSTER_HOME, loading
+    pipelines/workflows/definitions.py, with the session's services in their environment.
+    Schedules and the sensor read VIT_WORKFLOWS_SETTINGS, a file the tests write."""
+    from infra.local.dagster import DagsterServices
+
+    root = tmp_path_factory.mktemp("dagster")
+    settings = root / "settings.yaml"
+    settings.write_text("{}\n")
+    services = DagsterServices(root / "home", env_extra={
+        **s3.env(), **mlflow_server.env(), **ray_cluster.env(),
+        "VIT_WORKFLOWS_SETTINGS": str(settings),
+    })  # fmt: skip
+    services.start()
+    services.settings = settings
+    session_env.set(services.env())
+    yield services
+    services.stop()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ class SubmittedJob:
         while True:
             try:
                 self.job_id = self.client.submit_job(
-                    entrypoint=" ".join(["python", f"pipelines/{script}", *args]),
+                    entrypoint=shlex.join(["python", f"pipelines/{script}", *args]),
                     runtime_env={"working_dir": str(ROOT), "excludes": ["data/", "runs/", "*.db"]},
                 )
                 return

@@ -124,12 +124,16 @@ def dimensions(cfg: SearchConfig, num_classes: int) -> list[Dimension]:
                               f"not a {kind} range; use tune.search=random or tpe")  # fmt: skip
         if tune.search == "tpe" and kind == "grid":
             raise ConfigError(f"{where}: Optuna's TPE samples; give choice instead of grid")
+        typed = []  # as the config reads them: YAML reads 1e-7 as a string
         for value in values:
             try:
-                trial_config(base, {key: value})
+                trial = to_dict(trial_config(base, {key: value}))
             except ConfigError as err:
                 raise ConfigError(f"{where}: {err}") from None
-        dims.append(Dimension(key, "grid" if tune.search == "grid" else kind, list(values)))
+            for part in key.split("."):
+                trial = trial[part]
+            typed.append(trial)
+        dims.append(Dimension(key, "grid" if tune.search == "grid" else kind, typed))
     if tune.num_samples < 1:
         raise ConfigError(f"tune.num_samples: expected 1 or more, got {tune.num_samples}")
     if tune.scheduler == "asha":

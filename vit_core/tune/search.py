@@ -62,7 +62,7 @@ from vit_core.tune.config import (
 STATE_TAG = "vit.tune.state"  # completed, stopped early, failed
 STEPS_TAG = "vit.tune.steps"  # optimiser steps the trial trained
 SEARCH_TAG = "tune_run_id"  # on the registered version: the search's MLflow run
-TRIAL_DRIVER_CPU = 0.1
+TRIAL_DRIVER_MEMORY = 256 * 2**20  # bytes
 # Tune saves its experiment state at least this often (seconds), so a driver killed
 # between two saves repeats little.
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")
@@ -164,11 +164,11 @@ def run_search(cfg: SearchConfig) -> TrainingOutcome:
 
 def trials_that_fit(base: TrainConfig) -> int:
     """How many trials the cluster holds at once: each takes its workers' CPUs (and
-    GPUs), its driver's sliver, and one CPU for its Ray Data pipeline."""
+    GPUs) and one CPU for its Ray Data pipeline."""
     import ray
 
     total = ray.cluster_resources()
-    per_trial = base.scaling.num_workers * base.scaling.cpus_per_worker + TRIAL_DRIVER_CPU + 1
+    per_trial = base.scaling.num_workers * base.scaling.cpus_per_worker + 1
     fits = int(total.get("CPU", 0) // per_trial)
     if base.scaling.use_gpu:
         fits = min(fits, int(total.get("GPU", 0) // base.scaling.num_workers))
@@ -181,9 +181,10 @@ def build_tuner(cfg: SearchConfig, dims: list[Dimension], plan: SearchPlan, home
     from ray import tune
 
     trainable = tune.with_parameters(run_trial, plan=plan)
-    # The trial process only drives its Ray Train run (its workers hold the CPUs); Tune
-    # refuses an empty request, so it asks for a sliver of a CPU.
-    trainable = tune.with_resources(trainable, {"CPU": TRIAL_DRIVER_CPU})
+    # The trial process only drives its Ray Train run: its workers hold the CPUs. A
+    # fraction of a CPU per trial would split the nodes' CPUs so that no whole one is
+    # left for Ray Data's read tasks (they would wait forever), so it asks for memory.
+    trainable = tune.with_resources(trainable, {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY})
     fs, path = storage.pyarrow_filesystem(home)
     if not storage.is_remote(home):
         os.makedirs(path, exist_ok=True)
