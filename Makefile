@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint stack-up stack-down stack-status stack-stop stack-start stack-restart bench clean
+.PHONY: setup demo test lint stack-up stack-down stack-status stack-stop stack-start stack-restart pipelines-up pipelines-down bench clean
 
 setup: $(STAMP)
 
@@ -25,8 +25,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# make stack-up DB=postgres: MLflow on PostgreSQL instead of SQLite
+DB ?= sqlite
 stack-up: $(STAMP)
-	$(BIN)/python -m infra.local.stack up
+	$(BIN)/python -m infra.local.stack up --db $(DB)
 
 stack-down: $(STAMP)
 	$(BIN)/python -m infra.local.stack down
@@ -37,6 +39,14 @@ stack-status: $(STAMP)
 # One service, on its ports and data: make stack-restart SERVICE=mlflow (s3, mlflow, ray)
 stack-stop stack-start stack-restart: $(STAMP)
 	$(BIN)/python -m infra.local.stack $(@:stack-%=%) $(SERVICE)
+
+# Dagster's daemon and webserver (UI on 127.0.0.1:3000) over .dagster; with the stack's
+# variables (source .stack/env) their steps run on the stack's Ray cluster.
+pipelines-up: $(STAMP)
+	$(BIN)/python -m infra.local.dagster up
+
+pipelines-down: $(STAMP)
+	$(BIN)/python -m infra.local.dagster down
 
 clean:
 	rm -rf $(VENV) .stack

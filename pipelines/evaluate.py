@@ -24,7 +24,7 @@ import mlflow
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python pipelines/x.py` puts only pipelines/ on the path
 
-from vit_core.cli import EMBEDDED_DIGITS, report_user_errors  # noqa: E402
+from vit_core.cli import EMBEDDED_DIGITS, report_result, report_user_errors  # noqa: E402
 from vit_core.eval.batch import Compute, plan_evaluation, run_evaluation  # noqa: E402
 from vit_core.track.runs import tracking_uri  # noqa: E402
 
@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
           f"{report.bad_samples} bad samples")  # fmt: skip
     run_id = log_evaluation(mlflow.MlflowClient(tracking_uri()), report, args.experiment)
     print(f"logged to MLflow run {run_id} in experiment {args.experiment}")
+    report_result({"mlflow_run_id": run_id, "model_uri": report.model_uri,
+                   "model_name": report.model_name, "model_version": report.model_version,
+                   "metrics": {k: float(v) for k, v in s.items()},
+                   "bad_samples": int(report.bad_samples)})  # fmt: skip
     return 0
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python pipelines/x.py` puts only pipelines/ on the path
 
+from vit_core.cli import report_result  # noqa: E402
 from vit_core.data import DatasetError, index_existing_shards, make_shards  # noqa: E402
 from vit_core.storage import StorageError  # noqa: E402
 
@@ -182,6 +183,9 @@ def index_existing(args: argparse.Namespace) -> int:
         f"indexed {index.location}: {counts} samples, {index.num_classes} classes, "
         f"{sum(len(s) for s in index.splits.values())} shards, version {index.version}"
     )
+    report_result({"location": index.location, "version": index.version,
+                   "counts": {split: index.num_samples(split) for split in index.splits},
+                   "num_classes": index.num_classes})  # fmt: skip
     return 0
 
 
@@ -217,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(len(s) for s in index.splits.values())} shards, version {index.version}"
         + (f", {index.skipped} unreadable images skipped" if index.skipped else "")
     )
+    report_result({"location": index.location, "version": index.version,
+                   "counts": {split: index.num_samples(split) for split in index.splits},
+                   "num_classes": index.num_classes})  # fmt: skip
     return 0
 
 

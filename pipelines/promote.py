@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python pipelines/x.py` puts only pipelines/ on the path
 
-from vit_core.cli import report_user_errors  # noqa: E402
+from vit_core.cli import outcome_record, report_result, report_user_errors  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,8 +45,10 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.rollback:
             rollback(args.model)
+            report_result({"model": args.model, "rollback": True})
         else:
-            promote(args.model, args.data, args.split, args.margin, args.alpha)
+            decision = promote(args.model, args.data, args.split, args.margin, args.alpha)
+            report_result({"model": args.model, "decision": decision and outcome_record(decision)})
         return 0
     return 2
 

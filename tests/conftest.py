@@ -26,7 +26,14 @@ for _name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN", "RAY_ADDRE
 
 import pytest  # noqa: E402
 
-from infra.local.stack import MLflowServer, RayCluster, SeaweedFS  # noqa: E402
+from infra.local.stack import (  # noqa: E402
+    MLflowServer,
+    PostgresServer,
+    RayCluster,
+    SeaweedFS,
+    StackError,
+    postgres_bindir,
+)
 
 
 class EnvPatch:
@@ -102,6 +109,24 @@ def mlflow_server(s3, tmp_path_factory, session_env) -> MLflowServer:
 
 
 @pytest.fixture(scope="session")
+def postgres(tmp_path_factory) -> PostgresServer:
+    """PostgreSQL on 127.0.0.1 (Debian's `postgresql` package, which .ci/run installs).
+    Where its programs are missing, the tests that need it skip, except in CI (CI=true),
+    where they fail."""
+    try:
+        postgres_bindir()
+    except StackError as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the PostgreSQL tests: {err}")
+        pytest.skip(str(err))
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
+    server.start()
+    yield server
+    server.stop()
+    server.remove_data()
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(s3, mlflow_server, tmp_path_factory, session_env) -> RayCluster:
     cluster = RayCluster(
         tmp_path_factory.mktemp("ray"),
@@ -162,3 +187,24 @@ def pretrained_backbone(ray_cluster, mlflow_server, digits_s3) -> str:
         f"tracking.registered_model={name}", "tracking.alias=backbone",
     ))  # fmt: skip
     return name
+
+
+@pytest.fixture(scope="session")
+def dagster_services(ray_cluster, mlflow_server, s3, tmp_path_factory, session_env):
+    """Dagster's daemon and webserver on 127.0.0.1 over a temporary DAGSTER_HOME, loading
+    pipelines/workflows/definitions.py, with the session's services in their environment.
+    Schedules and the sensor read VIT_WORKFLOWS_SETTINGS, a file the tests write."""
+    from infra.local.dagster import DagsterServices
+
+    root = tmp_path_factory.mktemp("dagster")
+    settings = root / "settings.yaml"
+    settings.write_text("{}\n")
+    services = DagsterServices(root / "home", env_extra={
+        **s3.env(), **mlflow_server.env(), **ray_cluster.env(),
+        "VIT_WORKFLOWS_SETTINGS": str(settings),
+    })  # fmt: skip
+    services.start()
+    services.settings = settings
+    session_env.set(services.env())
+    yield services
+    services.stop()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ class SubmittedJob:
         from ray.job_submission import JobSubmissionClient
 
         self.client = JobSubmissionClient(ray_cluster.dashboard_url)
-        self.job_id = submit(self.client, " ".join(["python", f"pipelines/{script}", *args]))
+        self.job_id = submit(self.client, shlex.join(["python", f"pipelines/{script}", *args]))
 
     def wait(self, timeout: float = 600) -> str:
         deadline = time.monotonic() + timeout
@@ -27,6 +28,9 @@ class SubmittedJob:
         raise AssertionError(f"job {self.job_id} still running after {timeout}s:\n"
                              f"{self.logs()[-3000:]}")  # fmt: skip
 
+    def status(self) -> str:
+        return str(self.client.get_job_status(self.job_id))
+
     def logs(self) -> str:
         return self.client.get_job_logs(self.job_id)
 
@@ -35,8 +39,7 @@ class SubmittedJob:
 
 
 def submit(client, entrypoint: str, timeout: float = 90) -> str:
-    """Submit with the repository as working dir. A head node that has just started
-    answers "No available agent" until its job agent registers: that is retried."""
+    """Submit with the repository as working dir; returns the submission id."""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -45,9 +48,10 @@ def submit(client, entrypoint: str, timeout: float = 90) -> str:
                 runtime_env={"working_dir": str(ROOT), "excludes": ["data/", "runs/", "*.db"]},
             )
         except RuntimeError as err:
+            # A node's job agent may still be starting on a loaded machine.
             if "No available agent" not in str(err) or time.monotonic() > deadline:
                 raise
-            time.sleep(2)
+            time.sleep(3)
 
 
 def sets(*overrides: str) -> list[str]:

@@ -42,6 +42,23 @@ def report_user_errors():
         print(f"error: {err}", file=sys.stderr)
 
 
+def report_result(record: dict) -> None:
+    """Hand a finished job's result (a small JSON-able record: run ids, versions, URIs,
+    metrics) to the Dagster step that launched it, through Dagster Pipes: the step reads it
+    from the job's stdout (the job's log on the Ray cluster). Does nothing when the job was
+    not launched by Dagster (no DAGSTER_PIPES_CONTEXT), so a hand-submitted job and a
+    pipeline step run the same code."""
+    import os
+
+    if "DAGSTER_PIPES_CONTEXT" not in os.environ:
+        return
+    from dagster_pipes import open_dagster_pipes
+
+    with open_dagster_pipes() as pipes:
+        pipes.report_custom_message(record)
+    sys.stdout.flush()
+
+
 def ensure_embedded_dataset(location: str) -> None:
     """Make the embedded default's digits (32 px PNGs) when a job asks for them and they
     are missing; jobs at other resolutions resize them as any dataset."""
@@ -53,12 +70,21 @@ def ensure_embedded_dataset(location: str) -> None:
     make_digits_shards(location)
 
 
+def outcome_record(outcome) -> dict:
+    """A job outcome (a dataclass such as TrainingOutcome) as a JSON-able record."""
+    import dataclasses
+    import json
+
+    record = dataclasses.asdict(outcome) if dataclasses.is_dataclass(outcome) else dict(outcome)
+    return json.loads(json.dumps(record, default=str))
+
+
 def run_cli(
     parser: argparse.ArgumentParser,
     argv: list[str] | None,
     config_class: type,
     run: Callable,
-    default_preset: str,
+    default_preset: str | list[str],
     presets_dir: Path,
 ) -> int:
     """Parse the config (presets by name from `presets_dir`, which the job script passes
@@ -76,6 +102,7 @@ def run_cli(
         outcome = run(cfg)
     if outcome is None:
         return 2
+    report_result(outcome_record(outcome))
     print(
         f"done: step {outcome.final_step}, MLflow run {outcome.mlflow_run_id}, "
         f"checkpoint {outcome.checkpoint_uri}"

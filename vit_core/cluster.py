@@ -10,11 +10,12 @@ def connect() -> None:
     import ray
     import ray.data
 
-    if ray.is_initialized():
-        return
     # The trainers print their own progress (step, loss, images/s); Ray Data's per-operator
     # bars, repeated for every worker, would drown it. Ray Train hands this context on.
+    # Set in a process that Ray already runs too (a search's trial drives its own run).
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return
     if os.environ.get("RAY_ADDRESS"):
         # A cluster: set by `ray job submit`, or by the user. The job's code travels with
         # the working dir.

@@ -106,7 +106,8 @@ def from_dict(cls: type[T], data: dict) -> T:
     return _build(cls, data)
 
 
-def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Put `value` at `dotted` ("optim.lr") in a nested dict such as `to_dict` gives."""
     parts = dotted.split(".")
     node = tree
     for part in parts[:-1]:
@@ -144,12 +145,16 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def load_config(
-    cls: type[T], preset: str | Path | None = None, overrides: list[str] | None = None
+    cls: type[T],
+    preset: str | Path | list[str | Path] | None = None,
+    overrides: list[str] | None = None,
 ) -> T:
-    """Build `cls` from its defaults, then a YAML preset, then dotted overrides."""
+    """Build `cls` from its defaults, then YAML presets in order (a later one overrides
+    an earlier one's keys), then dotted overrides."""
     data = to_dict(cls())
-    if preset is not None:
-        path = Path(preset)
+    presets = preset if isinstance(preset, list) else [] if preset is None else [preset]
+    for item in presets:
+        path = Path(item)
         if not path.is_file():
             raise ConfigError(f"config preset not found: {path}")
         try:
@@ -165,7 +170,7 @@ def load_config(
         data = merge(data, loaded)
     for item in overrides or []:
         key, value = _parse_override(item)
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return _build(cls, data)
 
 
@@ -198,12 +203,17 @@ def resolve_preset(name_or_path: str, presets_dir: Path) -> Path:
     return candidate
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | None) -> None:
+def add_config_arguments(
+    parser: argparse.ArgumentParser, default_preset: str | list[str] | None
+) -> None:
+    defaults = [default_preset] if isinstance(default_preset, str) else default_preset
     parser.add_argument(
         "--config",
-        default=default_preset,
-        help="preset name in pipelines/configs/ or a YAML path (default: %(default)s)",
+        action="append",
+        help="preset name in pipelines/configs/ or a YAML path; repeat it to layer presets, "
+        f"later ones overriding earlier ones (default: {' '.join(defaults or ['none'])})",
     )
+    parser.set_defaults(default_presets=defaults or [])
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -218,5 +228,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_preset: str | 
 
 
 def config_from_args(cls: type[T], args: argparse.Namespace, presets_dir: Path) -> T:
-    preset = resolve_preset(args.config, presets_dir) if args.config else None
-    return load_config(cls, preset, args.overrides)
+    """The config the command line names: its presets (or the job's default ones), then
+    its --set overrides."""
+    names = args.config or args.default_presets
+    return load_config(cls, [resolve_preset(n, presets_dir) for n in names], args.overrides)

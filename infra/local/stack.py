@@ -1,14 +1,16 @@
-"""The local stack: SeaweedFS (S3), an MLflow server, and a multi-node Ray cluster,
-all on 127.0.0.1. The same classes serve the command line and the pytest fixtures.
+"""The local stack: SeaweedFS (S3), an MLflow server (on SQLite, or on PostgreSQL with
+`--db postgres`), and a multi-node Ray cluster, all on 127.0.0.1. The same classes serve
+the command line and the pytest fixtures.
 
-    python -m infra.local.stack up [--ray-workers 1]   # start, write .stack/env
+    python -m infra.local.stack up [--ray-workers 1] [--db postgres]  # start, write .stack/env
     python -m infra.local.stack status
-    python -m infra.local.stack restart s3               # or stop/start; s3, mlflow, ray
+    python -m infra.local.stack restart s3       # or stop/start; s3, postgres, mlflow, ray
     python -m infra.local.stack down
-    source .stack/env                                    # point jobs at it
+    source .stack/env                            # point jobs at it
 
 A service stopped and started again keeps its ports and its data (SeaweedFS's data
-directory, MLflow's SQLite file), so clients that were using it carry on.
+directory, MLflow's SQLite file or PostgreSQL's data directory), so clients that were
+using it carry on. MLflow migrates an existing database to its schema before it starts.
 
 Each service runs in its own process group, so stopping kills its whole tree
 (mlflow's uvicorn workers, Ray's raylets and workers) and leaves no stray process.
@@ -32,7 +34,7 @@ from pathlib import Path
 
 HOST = "127.0.0.1"
 STATE_DIR = Path(os.environ.get("VIT_STACK_DIR", ".stack"))
-SERVICES = ("s3", "mlflow", "ray")
+SERVICES = ("s3", "postgres", "mlflow", "ray")
 STACK_BUCKETS = ("mlflow", "vit")
 
 
@@ -134,11 +136,12 @@ def _group_gone(pgid: int, within: float) -> bool:
     return False
 
 
-def kill_group(pgid: int, grace: float = 10.0) -> None:
-    """SIGTERM a process group, SIGKILL what is left after `grace`, and wait until it is
-    gone, so that a caller that returns has really stopped the service."""
+def kill_group(pgid: int, grace: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """Signal a process group (SIGTERM unless `sig` says otherwise), SIGKILL what is left
+    after `grace`, and wait until it is gone, so that a caller that returns has really
+    stopped the service."""
     try:
-        os.killpg(pgid, signal.SIGTERM)
+        os.killpg(pgid, sig)
     except ProcessLookupError:
         return
     if _group_gone(pgid, grace):
@@ -168,6 +171,7 @@ class ProcessGroupService:
     whole, and stopped if it never becomes ready. Started again, it takes the same ports."""
 
     pgid: int | None
+    stop_signal = signal.SIGTERM
 
     def running(self) -> bool:
         """Whether its process group still has a live process."""
@@ -190,7 +194,7 @@ class ProcessGroupService:
 
     def stop(self) -> None:
         if self.pgid:
-            kill_group(self.pgid)
+            kill_group(self.pgid, sig=self.stop_signal)
             self.pgid = None
 
 
@@ -291,13 +295,23 @@ class SeaweedFS(ProcessGroupService):
 
 @dataclass
 class MLflowServer(ProcessGroupService):
-    """`mlflow server` on SQLite, proxying artifacts into the S3 store."""
+    """`mlflow server` on SQLite (root/mlflow.db) or on the database `backend_store_uri`
+    names, proxying artifacts into the S3 store. `db_env` holds what the database driver
+    reads besides the URI (PGPASSWORD), so no password is on a command line."""
 
     root: Path
     s3_env: dict[str, str]
     artifact_root: str = "s3://mlflow/artifacts"
     port: int = 0
     pgid: int | None = None
+    backend_store_uri: str = ""
+    db_env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def backend(self) -> str:
+        """The tracking store's URI (the SQLite file under root unless one was given)."""
+        sqlite = f"sqlite:///{(self.root / 'mlflow.db').absolute()}"
+        return self.backend_store_uri or sqlite
 
     @property
     def uri(self) -> str:
@@ -313,14 +327,34 @@ class MLflowServer(ProcessGroupService):
         else:
             self.port = free_port()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._migrate(mlflow)
         cmd = [
             mlflow, "server",
-            "--backend-store-uri", f"sqlite:///{(self.root / 'mlflow.db').absolute()}",
+            "--backend-store-uri", self.backend,
             "--artifacts-destination", self.artifact_root,
             "--host", HOST, "--port", str(self.port), "--workers", "1",
         ]  # fmt: skip
-        env = {**self.s3_env, "MLFLOW_S3_ENDPOINT_URL": self.s3_env["AWS_ENDPOINT_URL_S3"]}
+        env = {
+            **self.s3_env,
+            **self.db_env,
+            "MLFLOW_S3_ENDPOINT_URL": self.s3_env["AWS_ENDPOINT_URL_S3"],
+        }
         self._run(cmd, self.root / "mlflow.log", env, "MLflow server", self._ready, timeout)
+
+    def _migrate(self, mlflow: str) -> None:
+        """Bring an existing tracking database to this MLflow's schema (`mlflow db
+        upgrade`; the server refuses an older one). A new SQLite file needs nothing: the
+        server creates its tables."""
+        if not self.backend_store_uri and not (self.root / "mlflow.db").exists():
+            return
+        result = subprocess.run(
+            [mlflow, "db", "upgrade", self.backend],
+            env={**os.environ, **self.db_env}, capture_output=True, text=True,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise StackError(
+                f"mlflow db upgrade failed on {self.backend}:\n{result.stderr[-2000:]}"
+            )
 
     def _ready(self) -> bool:
         return http_ok(f"{self.uri}/health")
@@ -330,6 +364,126 @@ class MLflowServer(ProcessGroupService):
             return self._ready()
         except OSError:  # refused or timed out: not up
             return False
+
+
+def postgres_bindir() -> Path:
+    """The folder of PostgreSQL's server programs (Debian's `postgresql` package puts them
+    in /usr/lib/postgresql/VERSION/bin, off the PATH; elsewhere they are on it)."""
+    on_path = shutil.which("postgres")
+    if on_path:
+        return Path(on_path).parent
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parts[-3])
+    )
+    if not found:
+        raise StackError(
+            "PostgreSQL's server is not installed: `apt-get install postgresql` (Debian)"
+        )
+    return found[-1].parent
+
+
+@dataclass
+class PostgresServer(ProcessGroupService):
+    """A PostgreSQL server on 127.0.0.1 for MLflow's tracking store: one database and its
+    owner, password authentication, TCP only. PostgreSQL refuses to run as root, so under
+    root it runs as the `postgres` user, with its data in /tmp (pytest's and the stack's
+    folders may not be readable by that user)."""
+
+    root: Path
+    port: int = 0
+    password: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
+    user: str = "mlflow"
+    database: str = "mlflow"
+    pgid: int | None = None
+    # Fast shutdown: open sessions are rolled back instead of waited for.
+    stop_signal = signal.SIGINT
+
+    @property
+    def uri(self) -> str:
+        """The database's URI, without the password (drivers read it from PGPASSWORD)."""
+        return f"postgresql://{self.user}@{HOST}:{self.port}/{self.database}"
+
+    def env(self) -> dict[str, str]:
+        return {"PGPASSWORD": self.password}
+
+    @property
+    def data_dir(self) -> Path:
+        if os.geteuid() == 0:
+            return Path(f"/tmp/vitpg-{self.port}")
+        return self.root / "postgres"
+
+    def _as_server_user(self, cmd: list[str]) -> list[str]:
+        return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+    def start(self, timeout: float = 60) -> None:
+        bindir = postgres_bindir()
+        if self.port:
+            require_free(self.port, "PostgreSQL")
+        else:
+            self.port = free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        if not (self.data_dir / "PG_VERSION").exists():
+            self._init(bindir)
+        cmd = self._as_server_user([
+            str(bindir / "postgres"), "-D", str(self.data_dir), "-h", HOST, "-p", str(self.port),
+            "-c", "unix_socket_directories=",
+        ])  # fmt: skip
+        self._run(cmd, self.root / "postgres.log", {}, "PostgreSQL", self._ready, timeout)
+
+    def _init(self, bindir: Path) -> None:
+        """A new cluster whose superuser is `user`, with password authentication."""
+        self.data_dir.mkdir(mode=0o700, parents=True)
+        pwfile = self.data_dir.parent / f".{self.data_dir.name}.pw"
+        pwfile.write_text(self.password)
+        try:
+            if os.geteuid() == 0:
+                shutil.chown(self.data_dir, "postgres", "postgres")
+                shutil.chown(pwfile, "postgres", "postgres")
+            pwfile.chmod(0o600)
+            result = subprocess.run(
+                self._as_server_user([
+                    str(bindir / "initdb"), "-D", str(self.data_dir), "-U", self.user,
+                    f"--pwfile={pwfile}", "--auth=scram-sha-256", "-E", "UTF8",
+                ]),
+                capture_output=True, text=True,
+            )  # fmt: skip
+        finally:
+            pwfile.unlink(missing_ok=True)
+        if result.returncode != 0:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+            raise StackError(f"initdb failed:\n{result.stderr[-2000:]}")
+
+    def _connect(self, database: str):
+        import psycopg
+
+        return psycopg.connect(
+            host=HOST, port=self.port, user=self.user, password=self.password,
+            dbname=database, connect_timeout=3, autocommit=True,
+        )  # fmt: skip
+
+    def _ready(self) -> bool:
+        """It accepts the password, and the database exists."""
+        conn = self._connect("postgres")
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
+                if cur.fetchone() is None:
+                    # Outside a transaction (the connection autocommits), as it must be.
+                    cur.execute(f'CREATE DATABASE "{self.database}"')
+        finally:
+            conn.close()
+        return True
+
+    def healthy(self) -> bool:
+        try:
+            self._connect(self.database).close()
+            return True
+        except Exception:
+            return False
+
+    def remove_data(self) -> None:
+        """Delete the database's files (the server must be stopped)."""
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 @dataclass
@@ -375,8 +529,9 @@ class RayCluster:
             sys.executable, "-m", "infra.local.ray_node", "start", "--block",
             f"--node-ip-address={HOST}", f"--num-cpus={self.cpus_per_node}",
             "--num-gpus=0", "--object-store-memory=300000000", "--disable-usage-stats",
-            # Each node's agent its own HTTP port (the job API goes through the head's):
-            # Ray's fixed default, 52365, is taken by the first node or cluster on the host.
+            # Ray's agent takes 52365 on every node by default; on one host only the first
+            # node (of any cluster) would get it, and jobs can only be submitted to nodes
+            # whose agent serves HTTP.
             f"--dashboard-agent-listen-port={free_port()}",
             *args,
         ]  # fmt: skip
@@ -465,12 +620,15 @@ class RayCluster:
 
 @dataclass
 class LocalStack:
-    """All three services; its env() is what a job needs to use them."""
+    """S3, MLflow and Ray, and PostgreSQL under MLflow when `db` is "postgres" (else
+    MLflow keeps SQLite); its env() is what a job needs to use them."""
 
     root: Path
     ray_workers: int = 1
     fixed_ports: bool = False
+    db: str = "sqlite"
     s3: SeaweedFS | None = None
+    postgres: PostgresServer | None = None
     mlflow: MLflowServer | None = None
     ray: RayCluster | None = None
 
@@ -483,9 +641,15 @@ class LocalStack:
         )  # fmt: skip
         try:
             step("SeaweedFS", self.s3.start)
-            self.mlflow = MLflowServer(
-                self.root, self.s3.env(), port=5000 if self.fixed_ports else 0
-            )
+            if self.db == "postgres":
+                # Reused from the environment, as the S3 keys are, so that a stack brought
+                # up again (after `source .stack/env`) opens the database it left.
+                password = os.environ.get("PGPASSWORD") or secrets.token_hex(16)
+                self.postgres = PostgresServer(
+                    self.root, port=5432 if self.fixed_ports else 0, password=password
+                )
+                step("PostgreSQL", self.postgres.start)
+            self.mlflow = self._mlflow(port=5000 if self.fixed_ports else 0)
             step("MLflow server", self.mlflow.start)
             # Nodes carry the service settings, as a cloud cluster's nodes carry theirs.
             self.ray = RayCluster(
@@ -499,18 +663,28 @@ class LocalStack:
             self.stop()
             raise
 
+    def _mlflow(self, **state) -> MLflowServer:
+        if self.postgres is None:
+            return MLflowServer(self.root, self.s3.env(), **state)
+        return MLflowServer(
+            self.root, self.s3.env(), backend_store_uri=self.postgres.uri,
+            db_env=self.postgres.env(), **state,
+        )  # fmt: skip
+
     def env(self) -> dict[str, str]:
         return {**self.s3.env(), **self.mlflow.env(), **self.ray.env()}
 
-    def service(self, name: str) -> SeaweedFS | MLflowServer | RayCluster:
-        """One service by its command-line name (s3, mlflow, ray)."""
+    def service(self, name: str) -> SeaweedFS | PostgresServer | MLflowServer | RayCluster:
+        """One service by its command-line name (s3, postgres, mlflow, ray)."""
         services = {"s3": self.s3, "mlflow": self.mlflow, "ray": self.ray}
+        if self.postgres is not None:
+            services["postgres"] = self.postgres
         if name not in services:
             raise StackError(f"no service {name!r} in the stack: choose from {', '.join(SERVICES)}")
         return services[name]
 
     def stop(self) -> None:
-        for service in (self.ray, self.mlflow, self.s3):
+        for service in (self.ray, self.mlflow, self.postgres, self.s3):
             if service is not None:
                 service.stop()
 
@@ -520,6 +694,7 @@ class LocalStack:
         state = {
             "s3": {"port": self.s3.s3_port, "ports": self.s3.ports, "pgid": self.s3.pgid},
             "mlflow": {"port": self.mlflow.port, "pgid": self.mlflow.pgid},
+            "postgres": self.postgres and {"port": self.postgres.port, "pgid": self.postgres.pgid},
             "ray": {
                 "port": self.ray.port,
                 "dashboard_port": self.ray.dashboard_port,
@@ -530,7 +705,9 @@ class LocalStack:
         (self.root / "state.json").write_text(json.dumps(state, indent=2))
         env_file = self.root / "env"
         env_file.touch(mode=0o600)
-        env_file.write_text("".join(f"export {k}={v}\n" for k, v in sorted(self.env().items())))
+        # The database's password too (MLflow needs it at a restart; psql finds it there).
+        env = {**self.env(), **(self.postgres.env() if self.postgres else {})}
+        env_file.write_text("".join(f"export {k}={v}\n" for k, v in sorted(env.items())))
 
     @classmethod
     def load(cls, root: Path) -> LocalStack:
@@ -542,15 +719,19 @@ class LocalStack:
         for line in (root / "env").read_text().splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             env[key] = value
-        stack = cls(root, ray_workers=state["ray"]["workers"])
+        db = "postgres" if state.get("postgres") else "sqlite"
+        stack = cls(root, ray_workers=state["ray"]["workers"], db=db)
         stack.s3 = SeaweedFS(
             root, env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"],
             s3_port=state["s3"]["port"], ports=state["s3"]["ports"], pgid=state["s3"]["pgid"],
             buckets=STACK_BUCKETS,
         )  # fmt: skip
-        stack.mlflow = MLflowServer(
-            root, stack.s3.env(), port=state["mlflow"]["port"], pgid=state["mlflow"]["pgid"]
-        )
+        if state.get("postgres"):
+            stack.postgres = PostgresServer(
+                root, port=state["postgres"]["port"], pgid=state["postgres"]["pgid"],
+                password=env["PGPASSWORD"],
+            )  # fmt: skip
+        stack.mlflow = stack._mlflow(port=state["mlflow"]["port"], pgid=state["mlflow"]["pgid"])
         stack.ray = RayCluster(
             root, workers=state["ray"]["workers"], port=state["ray"]["port"],
             dashboard_port=state["ray"]["dashboard_port"], pgids=state["ray"]["pgids"],
@@ -575,7 +756,15 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start SeaweedFS, MLflow and a Ray cluster on 127.0.0.1")
     up.add_argument("--ray-workers", type=int, default=1, help="Ray worker nodes beside the head")
     up.add_argument(
-        "--random-ports", action="store_true", help="free ports instead of 8333/5000/6379/8265"
+        "--random-ports",
+        action="store_true",
+        help="free ports instead of 8333/5000/6379/8265 (and 5432)",
+    )
+    up.add_argument(
+        "--db",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="MLflow's tracking store: a SQLite file, or PostgreSQL started here",
     )
     sub.add_parser("status", help="show whether each service answers")
     sub.add_parser("down", help="stop every service of the stack")
@@ -589,8 +778,9 @@ def main(argv: list[str] | None = None) -> int:
             if (root / "state.json").exists():
                 raise StackError(f"a stack is already recorded in {root}; run `down` first")
             stack = LocalStack(
-                root, ray_workers=args.ray_workers, fixed_ports=not args.random_ports
-            )
+                root, ray_workers=args.ray_workers, fixed_ports=not args.random_ports,
+                db=args.db,
+            )  # fmt: skip
             stack.start()
             stack.save()
             print(f"stack up; run `source {root / 'env'}` to use it")
@@ -632,6 +822,7 @@ def print_status(stack: LocalStack) -> bool:
     """One line per service: its address and up, DOWN (running, not answering) or stopped."""
     rows = [
         ("s3 (SeaweedFS)", stack.s3.endpoint, stack.s3),
+        *([("postgres", stack.postgres.uri, stack.postgres)] if stack.postgres else []),
         ("mlflow", stack.mlflow.uri, stack.mlflow),
         (f"ray ({stack.ray.workers + 1} nodes)", stack.ray.dashboard_url, stack.ray),
     ]

@@ -84,7 +84,9 @@ def reliability_png(confidence: np.ndarray, accuracy: np.ndarray, count: np.ndar
     filled = count > 0
     ax.bar(centres[filled], accuracy[filled], width=1 / bins, edgecolor="black", label="accuracy")
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
-    ax.plot(confidence[filled], accuracy[filled], "o", color="tab:red", ms=3, label="mean confidence")
+    ax.plot(
+        confidence[filled], accuracy[filled], "o", color="tab:red", ms=3, label="mean confidence"
+    )
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy")
     ax.legend(fontsize=7, loc="upper left")
@@ -93,4 +95,53 @@ def reliability_png(confidence: np.ndarray, accuracy: np.ndarray, count: np.ndar
     ax_count.set_xlabel("confidence (top-1 probability)")
     ax_count.set_ylabel("images")
     ax_count.set_xlim(0, 1)
+    return _png(fig)
+
+
+def search_png(trials: list[dict], keys: list[str], metric: str, log_keys: set[str]) -> bytes:
+    """One panel per searched hyperparameter: each trial's final `metric` against its
+    value. trials: dicts with `params` {key: value}, `value` (float or None) and `state`
+    (completed, stopped early, failed); failed trials are drawn at the panel's bottom."""
+    markers = {"completed": ("o", "tab:blue"), "stopped early": ("v", "tab:orange"),
+               "failed": ("x", "tab:red")}  # fmt: skip
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    values = [t["value"] for t in trials if t["value"] is not None]
+    floor = min(values, default=0.0)
+    for ax, key in zip(axes[0], keys, strict=True):
+        for state, (marker, colour) in markers.items():
+            chosen = [t for t in trials if t["state"] == state]
+            if not chosen:
+                continue
+            xs = [t["params"][key] for t in chosen]
+            ys = [floor if t["value"] is None else t["value"] for t in chosen]
+            ax.scatter(xs, ys, marker=marker, color=colour, label=state)
+        if key in log_keys:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"final {metric} per trial")
+    return _png(fig)
+
+
+def trial_curves_png(curves: dict[str, list[tuple[int, float]]], stopped: set[str],
+                     metric: str, max_steps: int) -> bytes:  # fmt: skip
+    """Every trial's `metric` over optimiser steps on one plot; a trial in `stopped` (cut
+    short by the scheduler or failed) is dashed and ends in a cross where it stopped."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, points in curves.items():
+        if not points:
+            continue
+        steps, values = zip(*sorted(points), strict=True)
+        cut = name in stopped
+        (line,) = ax.plot(steps, values, linestyle="--" if cut else "-", marker=".", label=name)
+        if cut:
+            ax.plot(steps[-1], values[-1], marker="x", markersize=10, color=line.get_color())
+    ax.axvline(max_steps, color="grey", linewidth=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{metric} of every trial (dashed: stopped early or failed)")
     return _png(fig)

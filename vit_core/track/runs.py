@@ -10,6 +10,7 @@ from typing import Any
 import mlflow
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from vit_core.config import dump_yaml, flatten
 
@@ -26,11 +27,14 @@ def tracking_uri(default_dir: str | Path = ".") -> str:
     return f"sqlite:///{(Path(default_dir) / 'mlflow.db').absolute()}"
 
 
-def start_or_resume_run(client: MlflowClient, experiment: str, run_name: str) -> tuple[str, bool]:
+def start_or_resume_run(
+    client: MlflowClient, experiment: str, run_name: str, parent_run_id: str | None = None
+) -> tuple[str, bool]:
     """The id of this training run's MLflow run, and whether it already existed.
 
     A job submitted again under the same name continues its MLflow run rather than
-    opening a second one.
+    opening a second one. With `parent_run_id` a new run is nested under that run (a
+    search's trial under its search).
     """
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
@@ -42,7 +46,10 @@ def start_or_resume_run(client: MlflowClient, experiment: str, run_name: str) ->
         if found[0].info.status != "RUNNING":
             client.update_run(run_id, status="RUNNING")
         return run_id, True
-    run = client.create_run(exp_id, run_name=run_name, tags={RUN_NAME_TAG: run_name})
+    tags = {RUN_NAME_TAG: run_name}
+    if parent_run_id:
+        tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    run = client.create_run(exp_id, run_name=run_name, tags=tags)
     return run.info.run_id, False
 
 

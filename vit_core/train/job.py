@@ -135,16 +135,23 @@ def config_digest(cfg: TrainConfig) -> str:
     return hashlib.sha256(dump_yaml(cfg).encode()).hexdigest()[:16]
 
 
-def run_training(cfg: TrainConfig) -> TrainingOutcome:
+def run_training(
+    cfg: TrainConfig, parent_run_id: str | None = None, callbacks: tuple = ()
+) -> TrainingOutcome:
     """Train (or go on training) the run `cfg.run_name`, then register its model. A run
     that already reached its step budget is not trained again: its registered version is
-    reported (or registered, if it never was)."""
+    reported (or registered, if it never was).
+
+    A search's trial (vit_core.tune) passes its search's MLflow run as `parent_run_id`
+    (the trial's run is nested under it) and Ray Train callbacks, such as Ray Tune's
+    TuneReportCallback, that see every report."""
     inputs = check_inputs(cfg)
     index, plan = inputs.index, inputs.plan
     location = run_location(cfg)
     uri = tracking_uri()
     client = set_tracking(uri)
-    run_id, resumed = start_or_resume_run(client, cfg.tracking.experiment, cfg.run_name)
+    run_id, resumed = start_or_resume_run(client, cfg.tracking.experiment, cfg.run_name,
+                                          parent_run_id)  # fmt: skip
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) at {redact(uri)}")
     latest = latest_stored_checkpoint(location)
     if latest is not None and latest.step >= plan.total_steps:
@@ -188,6 +195,7 @@ def run_training(cfg: TrainConfig) -> TrainingOutcome:
             storage_filesystem=fs,
             failure_config=failure_config(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            callbacks=list(callbacks),
         ),
         datasets={
             # Named as the workers ask for them, whatever the dataset calls its splits.

@@ -93,6 +93,13 @@ class TrainStep:
         self.micro_steps += 1
         if not last:
             return None
+        value = loss.item()
+        if not math.isfinite(value):
+            # Weights updated from a non-finite loss are lost: stop, not train on. Ray
+            # Train retries from the last checkpoint (scaling.max_failures); a search
+            # records the trial as failed.
+            raise FloatingPointError(f"training loss is {value}: the run diverged "
+                                     "(learning rate too high?)")  # fmt: skip
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for p in self.model.parameters() if p.requires_grad], self.clip
         )
@@ -103,7 +110,7 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update_parameters(unwrap(self.model))
-        return StepResult(loss=loss.item(), grad_norm=float(grad_norm))
+        return StepResult(loss=value, grad_norm=float(grad_norm))
 
     def reset(self) -> None:
         """Start a new accumulation cycle (at an epoch start, where a partial one ends)."""

@@ -1,0 +1,143 @@
+"""Dagster's daemon (schedules, sensors, the run queue) and webserver (the UI, GraphQL)
+on 127.0.0.1 over one instance directory (DAGSTER_HOME), loading
+pipelines/workflows/definitions.py.
+
+    python -m infra.local.dagster up [--home .dagster] [--port 3000]   # `make pipelines-up`
+    python -m infra.local.dagster down [--home .dagster]               # `make pipelines-down`
+
+The instance config is pipelines/workflows/dagster.yaml (run queue with one run per
+pipeline); storage is SQLite in DAGSTER_HOME, the same the in-process demo writes, so the
+UI shows the demo's runs. Both processes inherit this environment (RAY_ADDRESS,
+MLFLOW_TRACKING_URI, AWS_*): the steps they run submit to that cluster. Secrets stay in
+the environment; nothing here writes them to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from infra.local.stack import (
+    HOST,
+    ProcessGroupService,
+    find_binary,
+    free_port,
+    http_ok,
+    kill_group,
+    launch,
+    require_free,
+    wait_until,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFINITIONS = ROOT / "pipelines" / "workflows" / "definitions.py"
+INSTANCE_YAML = ROOT / "pipelines" / "workflows" / "dagster.yaml"
+
+
+def prepare_home(home: Path) -> Path:
+    """DAGSTER_HOME with the project's instance config and a workspace naming the
+    definitions file."""
+    home = home.absolute()
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(INSTANCE_YAML, home / "dagster.yaml")
+    (home / "workspace.yaml").write_text(
+        "load_from:\n"
+        f"  - python_file:\n      relative_path: {DEFINITIONS}\n"
+        f"      working_directory: {ROOT}\n      location_name: vit\n"
+    )
+    return home
+
+
+@dataclass
+class DagsterServices(ProcessGroupService):
+    """`dagster-daemon run` and `dagster-webserver`, each in its own process group."""
+
+    home: Path
+    port: int = 0
+    env_extra: dict[str, str] = field(default_factory=dict)
+    pgid: int | None = None  # the webserver's
+    daemon_pgid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        return {"DAGSTER_HOME": str(self.home.absolute())}
+
+    def start(self, timeout: float = 180) -> None:
+        home = prepare_home(self.home)
+        if self.port:
+            require_free(self.port, "Dagster webserver")
+        else:
+            self.port = free_port()
+        env = {**self.env_extra, **self.env(), "PYTHONPATH": str(ROOT)}
+        workspace = str(home / "workspace.yaml")
+        daemon = launch([find_binary("dagster-daemon", "dagster"), "run", "-w", workspace],
+                        home / "daemon.log", env)  # fmt: skip
+        self.daemon_pgid = daemon.pid
+        try:
+            self._run(
+                [find_binary("dagster-webserver", "dagster-webserver"), "-h", HOST,
+                 "-p", str(self.port), "-w", workspace],
+                home / "webserver.log", env, "Dagster webserver",
+                lambda: http_ok(f"{self.url}/server_info"), timeout,
+            )  # fmt: skip
+            wait_until(self.daemon_healthy, timeout, "Dagster daemon", home / "daemon.log", daemon)
+        except BaseException:
+            self.stop()
+            raise
+        (home / "services.json").write_text(json.dumps(
+            {"port": self.port, "pgid": self.pgid, "daemon_pgid": self.daemon_pgid}))  # fmt: skip
+
+    def daemon_healthy(self) -> bool:
+        """Whether every daemon (scheduler, sensors, run queue) has sent a heartbeat."""
+        from dagster import DagsterInstance
+
+        with DagsterInstance.from_config(str(self.home.absolute())) as instance:
+            statuses = instance.get_daemon_statuses()
+            return bool(statuses) and all(s.healthy for s in statuses.values())
+
+    def stop(self) -> None:
+        super().stop()
+        if self.daemon_pgid:
+            kill_group(self.daemon_pgid)
+            self.daemon_pgid = None
+        (self.home / "services.json").unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, home: Path) -> DagsterServices:
+        state = json.loads((home / "services.json").read_text())
+        return cls(home, state["port"], pgid=state["pgid"], daemon_pgid=state["daemon_pgid"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("--home", type=Path, default=Path(os.environ.get("DAGSTER_HOME", ".dagster")))
+    parser.add_argument("--port", type=int, default=3000)
+    args = parser.parse_args(argv)
+    if args.command == "up":
+        if (args.home / "services.json").exists():
+            print(f"already up: {args.home}/services.json (make pipelines-down first)")
+            return 1
+        services = DagsterServices(args.home, args.port)
+        services.start()
+        print(f"Dagster UI {services.url} (DAGSTER_HOME={services.home.absolute()}); "
+              "daemon running schedules, sensors and the run queue")  # fmt: skip
+    else:
+        if not (args.home / "services.json").exists():
+            print("not running")
+            return 0
+        DagsterServices.load(args.home).stop()
+        print("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Dagster pipelines of the job scripts in pipelines/ (see definitions.py)."""

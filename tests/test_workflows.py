@@ -1,0 +1,213 @@
+"""The Dagster pipelines against the real services: the daemon and webserver as processes
+on 127.0.0.1 (temporary DAGSTER_HOME), SeaweedFS, the MLflow server and the two-node Ray
+cluster. Every step is a Ray job submitted through Dagster Pipes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+from conftest import SMALL_JOB
+from mlflow.tracking import MlflowClient
+
+FINAL = ("SUCCESS", "FAILURE", "CANCELED")
+
+
+def graphql(services):
+    from dagster_graphql import DagsterGraphQLClient
+
+    return DagsterGraphQLClient("127.0.0.1", port_number=services.port)
+
+
+def wait_run(services, run_id: str, timeout: float = 600) -> str:
+    client = graphql(services)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = client.get_run_status(run_id).value
+        if status in FINAL:
+            return status
+        time.sleep(2)
+    raise AssertionError(f"run {run_id} not finished within {timeout}s")
+
+
+def step_events(run_id: str):
+    """(step key, event type) of every step event of a run, in order."""
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        records = instance.all_logs(run_id)
+    return [(r.step_key, r.dagster_event.event_type_value) for r in records
+            if r.dagster_event and r.step_key]  # fmt: skip
+
+
+def failures(run_id: str) -> str:
+    """The step failures of a run, as Dagster recorded them."""
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        records = instance.all_logs(run_id)
+    return "\n".join(r.dagster_event.step_failure_data.error.to_string()[-3000:]
+                     for r in records if r.dagster_event
+                     and r.dagster_event.event_type_value == "STEP_FAILURE")  # fmt: skip
+
+
+def outputs(run_id: str) -> dict:
+    """Each step's output metadata of a run."""
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        records = instance.all_logs(run_id)
+    found = {}
+    for r in records:
+        event = r.dagster_event
+        if event and event.event_type_value == "STEP_OUTPUT":
+            found[r.step_key] = {k: v.value for k, v in event.step_output_data.metadata.items()}
+    return found
+
+
+def small_run_config(tag: str, out: str) -> dict:
+    train = [*SMALL_JOB, f"storage=s3://vit/runs-wf-{tag}", "checkpoint.every_steps=4"]
+    return {"ops": {
+        "make_shards": {"config": {"source": "digits", "out": out}},
+        "pretrain": {"config": {"overrides": [
+            *train, "train.epochs=1", f"tracking.experiment=wf-pre-{tag}",
+            f"tracking.registered_model=wf-backbone-{tag}", "tracking.alias=backbone"]}},
+        "finetune": {"config": {"overrides": [
+            *train, "train.steps=8", "optim.ema_decay=0", "optim.warmup_steps=2",
+            f"tracking.experiment=wf-ft-{tag}", f"tracking.registered_model=wf-digits-{tag}"]}},
+    }}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_full_pipeline_end_to_end_through_the_daemon(dagster_services, mlflow_server):
+    tag = uuid.uuid4().hex[:6]
+    out = f"s3://vit/datasets/wf-{tag}/v1"
+    run_id = graphql(dagster_services).submit_job_execution(
+        "full_pipeline", run_config=small_run_config(tag, out))
+    status = wait_run(dagster_services, run_id)
+    assert status == "SUCCESS", failures(run_id)
+    done = outputs(run_id)
+    assert list(done) == ["make_shards", "pretrain", "finetune", "evaluate", "promote"]
+    client = MlflowClient(mlflow_server.uri)
+    # The fine-tune started from the exact version the pretraining step registered.
+    (version,) = client.search_model_versions(f"name='wf-digits-{tag}'")
+    assert version.tags["base_model"] == f"wf-backbone-{tag}"
+    assert version.tags["base_model_version"] == "1"
+    assert done["finetune"]["model_uri"] == f"models:/wf-digits-{tag}/1"
+    # The training runs are named after the Dagster run, so a re-execution resumes them.
+    assert done["finetune"]["run_name"] == f"finetune-{run_id[:13]}"
+    assert done["evaluate"]["eval_count"] == 359
+    # The first model for a name is promoted.
+    assert done["promote"]["promoted"] is True
+    assert client.get_model_version_by_alias(f"wf-digits-{tag}", "champion").version == "1"
+
+
+def ray_jobs(prefix: str) -> dict[str, str]:
+    """Submission id -> status of the Ray jobs whose id starts with `prefix`."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient()
+    return {j.submission_id: str(j.status) for j in client.list_jobs()
+            if j.submission_id and j.submission_id.startswith(prefix)}  # fmt: skip
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(1)
+    raise AssertionError(f"{what} not within {timeout}s")
+
+
+@pytest.mark.slow
+def test_killed_finetune_job_then_resume_from_failure(
+    dagster_services, mlflow_server, digits_s3, pretrained_backbone
+):
+    """The fine-tune step's Ray job is stopped mid-way, so the run fails; `cli.py resume`
+    re-executes from the failed step: the finished step is not run again, the fine-tune is
+    a new attempt under the same run name and resumes from its newest checkpoint."""
+    import subprocess
+    import sys
+
+    from jobs import ROOT
+    from ray.job_submission import JobSubmissionClient
+
+    from vit_core.train.checkpoint import latest_stored_checkpoint
+
+    tag = uuid.uuid4().hex[:6]
+    store = f"s3://vit/runs-wfr-{tag}"
+    run_config = {"ops": {
+        "dataset_version": {"config": {"location": digits_s3}},
+        "finetune_from_champion": {"config": {
+            "base": f"models:/{pretrained_backbone}@backbone", "overrides": [
+                *SMALL_JOB, f"storage={store}", "train.steps=24", "checkpoint.every_steps=4",
+                "optim.ema_decay=0", f"tracking.experiment=wfr-{tag}",
+                f"tracking.registered_model=wfr-{tag}"]}},
+    }}  # fmt: skip
+    run_id = graphql(dagster_services).submit_job_execution("finetune_pipeline", run_config=run_config)
+    base = f"dagster-{run_id}-finetune_from_champion"
+    wait_for(lambda: ray_jobs(base).get(base) == "RUNNING", 300, "the fine-tune job")
+    location = f"{store}/finetune_from_champion-{run_id[:13]}"
+    wait_for(lambda: (latest_stored_checkpoint(location) or None) and
+             latest_stored_checkpoint(location).step >= 8, 300, "two checkpoints")  # fmt: skip
+    JobSubmissionClient().stop_job(base)
+    assert wait_run(dagster_services, run_id) == "FAILURE"
+
+    resumed = subprocess.run(
+        [sys.executable, "pipelines/workflows/cli.py", "resume", run_id,
+         "--webserver", dagster_services.url],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    new_run = resumed.stdout.split()[2]
+    assert wait_run(dagster_services, new_run) == "SUCCESS", failures(new_run)
+    started = [step for step, kind in step_events(new_run) if kind == "STEP_START"]
+    assert started == ["finetune_from_champion", "evaluate", "promote"]  # not dataset_version
+    jobs = ray_jobs(base)
+    assert jobs == {base: "STOPPED", f"{base}-2": "SUCCEEDED"}
+    log = JobSubmissionClient().get_job_logs(f"{base}-2")
+    assert f"resuming run finetune_from_champion-{run_id[:13]} from step" in log
+    status = subprocess.run([sys.executable, "pipelines/workflows/cli.py", "status", new_run],
+                            cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert "SUCCESS" in status.stdout and "finetune_from_champion: SUCCESS" in status.stdout
+
+
+@pytest.mark.slow
+def test_sensor_starts_one_run_per_new_dataset_version(dagster_services, s3):
+    """A new <prefix>/<name>/index.json starts exactly one finetune_pipeline run (run key:
+    the dataset's version); further ticks with nothing new start none."""
+    import yaml
+    from dagster import DagsterInstance, RunsFilter
+
+    from vit_core.data import make_digits_shards, read_index
+
+    prefix = f"s3://vit/datasets/sensed-{uuid.uuid4().hex[:6]}"
+    # The runs it starts stop in their first step, at the config check (a misspelt key),
+    # so no Ray job is submitted: the runs, not their work, are what is counted here.
+    dagster_services.settings.write_text(yaml.safe_dump({
+        "sensor": {"watch": prefix, "interval_seconds": 5, "running": True},
+        "finetune": {"run_config": {"ops": {"finetune_from_champion": {
+            "config": {"overrides": ["train.no_such_key=1"]}}}}},
+    }))  # fmt: skip
+    client = graphql(dagster_services)
+    client.reload_repository_location("vit")  # the sensor's running state is read on load
+
+    def runs():
+        with DagsterInstance.get() as instance:
+            return instance.get_runs(RunsFilter(job_name="finetune_pipeline",
+                                                tags={"vit/dataset": f"{prefix}/v1"}))  # fmt: skip
+
+    time.sleep(12)  # ticks over an empty prefix: nothing to run
+    assert runs() == []
+    make_digits_shards(f"{prefix}/v1", image_size=8, progress=False)
+    (run,) = wait_for(runs, 120, "the sensor's run")
+    assert run.tags["dagster/run_key"] == read_index(f"{prefix}/v1").version
+    assert wait_run(dagster_services, run.run_id) == "FAILURE"
+    assert "unknown config key train.no_such_key" in failures(run.run_id)
+    time.sleep(15)  # three more ticks, nothing new
+    assert len(runs()) == 1
+    dagster_services.settings.write_text("{}\n")
+    client.reload_repository_location("vit")
