@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 
 from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
 
 from vit_core import cluster, storage
 from vit_core.config import ConfigError
@@ -164,11 +165,11 @@ def run_search(cfg: SearchConfig) -> TrainingOutcome:
 
 def trials_that_fit(base: TrainConfig) -> int:
     """How many trials the cluster holds at once: each takes its workers' CPUs (and
-    GPUs) and one CPU for its Ray Data pipeline."""
+    GPUs) and the CPUs its Ray Data pipeline keeps (scaling.data_cpus)."""
     import ray
 
     total = ray.cluster_resources()
-    per_trial = base.scaling.num_workers * base.scaling.cpus_per_worker + 1
+    per_trial = base.scaling.num_workers * base.scaling.cpus_per_worker + base.scaling.data_cpus
     fits = int(total.get("CPU", 0) // per_trial)
     if base.scaling.use_gpu:
         fits = min(fits, int(total.get("GPU", 0) // base.scaling.num_workers))
@@ -196,9 +197,8 @@ def build_tuner(cfg: SearchConfig, dims: list[Dimension], plan: SearchPlan, home
                                   param_space=param_space(dims), storage_filesystem=fs)  # fmt: skip
     t = cfg.tune
     scheduler = (
-        tune.schedulers.ASHAScheduler(time_attr="step", max_t=plan.total_steps,
-                                      grace_period=t.grace_period,
-                                      reduction_factor=t.reduction_factor)
+        ResumableASHA(plan, t.metric, time_attr="step", max_t=plan.total_steps,
+                      grace_period=t.grace_period, reduction_factor=t.reduction_factor)
         if t.scheduler == "asha" else tune.schedulers.FIFOScheduler()
     )  # fmt: skip
     if t.search == "tpe":
@@ -225,6 +225,33 @@ def build_tuner(cfg: SearchConfig, dims: list[Dimension], plan: SearchPlan, home
             callbacks=[TrialRecorder(plan, [d.key for d in dims], t.metric)],
         ),
     )  # fmt: skip
+
+
+class ResumableASHA(ASHAScheduler):
+    """Ray Tune's ASHA, whose rungs survive a restored search. Tune saves the trials and
+    the search algorithm with an experiment but not the scheduler: restored, ASHA would
+    start with empty rungs and compare the remaining trials only with each other. Here
+    every trial restored from an earlier driver has its recorded validation results
+    (its MLflow run's history of `metric`) fed to the rungs as it is added."""
+
+    def __init__(self, plan: SearchPlan, metric: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.plan, self.history_metric = plan, metric
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        if not (trial.last_result or {}).get("step"):
+            return  # a new trial: nothing recorded yet
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.plan.tracking_uri)
+        experiment = client.get_experiment_by_name(self.plan.base.tracking.experiment)
+        name = trial_run_name(self.plan, trial.trial_id)
+        for run in client.search_runs([experiment.experiment_id],
+                                      f"tags.`{RUN_NAME_TAG}` = '{name}'", max_results=1):  # fmt: skip
+            for step, value in metric_history(client, run.info.run_id, self.history_metric):
+                super().on_trial_result(tune_controller, trial,
+                                        {"step": step, self.history_metric: value})  # fmt: skip
 
 
 class TrialRecorder(Callback):
