@@ -284,7 +284,10 @@ class mark_run_on_exit:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self.previous)
         if exc_type is not None and not issubclass(exc_type, SystemExit):
-            self.client.set_terminated(self.run_id, "FAILED")
+            # A search's trial stopped by its scheduler ends here too, after the search
+            # recorded it as KILLED: an end already recorded stands.
+            if self.client.get_run(self.run_id).info.status == "RUNNING":
+                self.client.set_terminated(self.run_id, "FAILED")
         return False
 
 
