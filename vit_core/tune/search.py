@@ -117,6 +117,7 @@ def run_search(cfg: SearchConfig) -> TrainingOutcome:
     CheckpointError, RegistryError, StorageError) before any trial starts, RuntimeError
     when no trial finished."""
     base = train_config(cfg)
+    dimensions(cfg, num_classes=0)  # the space's own faults first, before any I/O
     inputs = check_inputs(base)
     pinned, lineage = resolve_init(base.model.init_from)
     base.model.init_from = pinned  # every trial starts from the same version
