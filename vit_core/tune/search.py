@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -99,6 +100,7 @@ def run_trial(params: dict, plan: SearchPlan) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
+    running = end_when_stopped()
     cfg = trial_config(plan.base, params)
     cfg.run_name = trial_run_name(plan, trial_id)
     cfg.storage = plan.trials_storage
@@ -108,6 +110,32 @@ def run_trial(params: dict, plan: SearchPlan) -> None:
     if not outcome.metrics:
         logged = MlflowClient(plan.tracking_uri).get_run(outcome.mlflow_run_id).data.metrics
         tune.report({**logged, "step": outcome.final_step})
+    running.clear()
+
+
+def end_when_stopped() -> threading.Event:
+    """When Tune stops this trial while its Ray Train run is still going (ASHA's
+    decision), end the trial's process. The trial waits inside `trainer.fit()`, where it
+    cannot see Tune's stop, and its run would stay blocked in its next report holding its
+    workers' CPUs, so trials started later would wait for them. Ending the process ends
+    the Train controller it owns, whose workers and placement group Ray Train then
+    releases. Returns an event to clear once the trial has finished on its own.
+
+    Tune's stop is read from the trial's session, as Ray's TuneReportCallback reads it
+    (ray.train._internal.session: Tune offers no public handle for it)."""
+    from ray.train._internal.session import get_session
+
+    running = threading.Event()
+    running.set()
+    stop = get_session().stop_event
+
+    def watch() -> None:
+        stop.wait()
+        if running.is_set():
+            os._exit(0)
+
+    threading.Thread(target=watch, name="end-when-stopped", daemon=True).start()
+    return running
 
 
 def run_search(cfg: SearchConfig) -> TrainingOutcome:
