@@ -101,16 +101,18 @@ def run_trial(params: dict, plan: SearchPlan) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     running = end_when_stopped()
-    cfg = trial_config(plan.base, params)
-    cfg.run_name = trial_run_name(plan, trial_id)
-    cfg.storage = plan.trials_storage
-    cfg.tracking.register = False  # the search registers its best trial only
-    outcome = run_training(cfg, parent_run_id=plan.search_run_id,
-                           callbacks=(TuneReportCallback(),))  # fmt: skip
-    if not outcome.metrics:
-        logged = MlflowClient(plan.tracking_uri).get_run(outcome.mlflow_run_id).data.metrics
-        tune.report({**logged, "step": outcome.final_step})
-    running.clear()
+    try:
+        cfg = trial_config(plan.base, params)
+        cfg.run_name = trial_run_name(plan, trial_id)
+        cfg.storage = plan.trials_storage
+        cfg.tracking.register = False  # the search registers its best trial only
+        outcome = run_training(cfg, parent_run_id=plan.search_run_id,
+                               callbacks=(TuneReportCallback(),))  # fmt: skip
+        if not outcome.metrics:
+            logged = MlflowClient(plan.tracking_uri).get_run(outcome.mlflow_run_id).data.metrics
+            tune.report({**logged, "step": outcome.final_step})
+    finally:
+        running.clear()
 
 
 def end_when_stopped() -> threading.Event:
