@@ -110,6 +110,9 @@ def resume(args) -> int:
         # The parent's run config and own tags (as the UI's re-execution copies them):
         # execute_job starts from empty ones, and the steps' config is required.
         tags = {k: v for k, v in parent.tags.items() if not k.startswith("dagster/")}
+        # and the tags by which the UI groups a run with its re-executions
+        tags.update({"dagster/parent_run_id": parent.run_id,
+                     "dagster/root_run_id": parent.root_run_id or parent.run_id})  # fmt: skip
         result = execute_job(_job(parent.job_name), instance=inst, run_config=parent.run_config,
                              tags=tags, reexecution_options=options)  # fmt: skip
         print(f"run {result.run_id} (re-execution of {args.run_id}): "
