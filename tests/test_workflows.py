@@ -4,6 +4,7 @@ cluster. Every step is a Ray job submitted through Dagster Pipes."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -206,7 +207,7 @@ def test_stopped_job_and_killed_orchestrator_resume_without_resubmitting(
     resumed = subprocess.run([*cli, "resume", killed.run_id, "--mark-failed"], cwd=ROOT,
                              capture_output=True, text=True, timeout=600)  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    new_run = resumed.stdout.split()[1]
+    (new_run,) = re.findall(r"^run (\S+) \(re-execution of", resumed.stdout, re.MULTILINE)
     started = [step for step, kind in step_events(new_run) if kind == "STEP_START"]
     assert started == ["finetune_from_champion", "evaluate", "promote"]  # not dataset_version
     # Submitted twice in all: the stopped job and attempt -2, awaited after the kill.
