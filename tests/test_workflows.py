@@ -316,7 +316,7 @@ def test_schedule_every_minute_queues_behind_the_running_run(
     finally:
         stopped = graphql_post(dagster_services, STOP_SCHEDULE, {"id": started["scheduleState"]["id"]})
         assert stopped["stopRunningSchedule"]["__typename"] == "ScheduleStateResult", stopped
-    assert scheduled.tags["dagster/scheduled_execution_time"].endswith(":00+00:00")  # a whole minute
+    assert scheduled.tags[".dagster/scheduled_execution_time"].endswith(":00+00:00")  # whole minute
     time.sleep(12)  # two more passes of the run queue
     (scheduled,) = runs_of(**{"dagster/schedule_name": "finetune_schedule"})
     assert client.get_run_status(first).value in ("STARTING", "STARTED")
