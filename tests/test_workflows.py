@@ -4,6 +4,7 @@ cluster. Every step is a Ray job submitted through Dagster Pipes."""
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 
@@ -18,6 +19,20 @@ def graphql(services):
     from dagster_graphql import DagsterGraphQLClient
 
     return DagsterGraphQLClient("127.0.0.1", port_number=services.port)
+
+
+def graphql_post(services, query: str, variables: dict) -> dict:
+    """The webserver's answer to one GraphQL request (what the UI sends)."""
+    import json
+    import urllib.request
+
+    body = json.dumps({"query": query, "variables": variables}).encode()
+    request = urllib.request.Request(f"{services.url}/graphql", body,
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.loads(response.read())
+    assert "errors" not in answer, answer
+    return answer["data"]
 
 
 def wait_run(services, run_id: str, timeout: float = 600) -> str:
@@ -39,6 +54,14 @@ def step_events(run_id: str):
         records = instance.all_logs(run_id)
     return [(r.step_key, r.dagster_event.event_type_value) for r in records
             if r.dagster_event and r.step_key]  # fmt: skip
+
+
+def messages(run_id: str) -> str:
+    """The log messages of a run's steps (context.log), one a line."""
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        return "\n".join(r.user_message for r in instance.all_logs(run_id) if r.step_key)
 
 
 def failures(run_id: str) -> str:
@@ -71,7 +94,7 @@ def small_run_config(tag: str, out: str) -> dict:
     return {"ops": {
         "make_shards": {"config": {"source": "digits", "out": out}},
         "pretrain": {"config": {"overrides": [
-            *train, "train.epochs=1", f"tracking.experiment=wf-pre-{tag}",
+            *train, "train.steps=4", f"tracking.experiment=wf-pre-{tag}",
             f"tracking.registered_model=wf-backbone-{tag}", "tracking.alias=backbone"]}},
         "finetune": {"config": {"overrides": [
             *train, "train.steps=8", "optim.ema_decay=0", "optim.warmup_steps=2",
@@ -122,13 +145,25 @@ def wait_for(check, timeout: float, what: str):
     raise AssertionError(f"{what} not within {timeout}s")
 
 
+def runs_of(**tags) -> list:
+    """The runs in the session's Dagster instance carrying these tags, newest first."""
+    from dagster import DagsterInstance, RunsFilter
+
+    with DagsterInstance.get() as instance:
+        return list(instance.get_runs(RunsFilter(tags=tags)))
+
+
 @pytest.mark.slow
-def test_killed_finetune_job_then_resume_from_failure(
+def test_stopped_job_and_killed_orchestrator_resume_without_resubmitting(
     dagster_services, mlflow_server, digits_s3, pretrained_backbone
 ):
-    """The fine-tune step's Ray job is stopped mid-way, so the run fails; `cli.py resume`
-    re-executes from the failed step: the finished step is not run again, the fine-tune is
-    a new attempt under the same run name and resumes from its newest checkpoint."""
+    """1. The fine-tune step's Ray job is stopped mid-way, so the run fails; `cli.py resume`
+    re-executes it from the failed step (finished steps are not run again): the fine-tune is
+    a new attempt (`-2`) under the same run name and resumes from its newest checkpoint.
+    2. That resume runs the pipeline in its own process, which is killed while attempt -2
+    is RUNNING; `cli.py resume --mark-failed` then awaits that same Ray job: no attempt -3."""
+    import os
+    import signal
     import subprocess
     import sys
 
@@ -152,27 +187,38 @@ def test_killed_finetune_job_then_resume_from_failure(
     wait_for(lambda: ray_jobs(base).get(base) == "RUNNING", 300, "the fine-tune job")
     location = f"{store}/finetune_from_champion-{run_id[:13]}"
     wait_for(lambda: (latest_stored_checkpoint(location) or None) and
-             latest_stored_checkpoint(location).step >= 8, 300, "two checkpoints")  # fmt: skip
+             latest_stored_checkpoint(location).step >= 4, 300, "a checkpoint")  # fmt: skip
     JobSubmissionClient().stop_job(base)
     assert wait_run(dagster_services, run_id) == "FAILURE"
 
-    resumed = subprocess.run(
-        [sys.executable, "pipelines/workflows/cli.py", "resume", run_id,
-         "--webserver", dagster_services.url],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    new_run = resumed.stdout.split()[2]
-    assert wait_run(dagster_services, new_run) == "SUCCESS", failures(new_run)
+    cli = [sys.executable, "pipelines/workflows/cli.py"]
+    # The orchestrator: this resume executes the run in its own process (and its step
+    # processes), all in one process group, killed at once as a crash would.
+    orchestrator = subprocess.Popen([*cli, "resume", run_id], cwd=ROOT, start_new_session=True,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        wait_for(lambda: ray_jobs(base).get(f"{base}-2") == "RUNNING", 300, "attempt -2")
+    finally:
+        os.killpg(orchestrator.pid, signal.SIGKILL)
+        orchestrator.wait()
+    (killed,) = runs_of(**{"dagster/parent_run_id": run_id})
+    assert killed.status.value == "STARTED"  # nobody told Dagster
+
+    resumed = subprocess.run([*cli, "resume", killed.run_id, "--mark-failed"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    (new_run,) = re.findall(r"^run (\S+) \(re-execution of", resumed.stdout, re.MULTILINE)
     started = [step for step, kind in step_events(new_run) if kind == "STEP_START"]
     assert started == ["finetune_from_champion", "evaluate", "promote"]  # not dataset_version
-    jobs = ray_jobs(base)
-    assert jobs == {base: "STOPPED", f"{base}-2": "SUCCEEDED"}
+    # Submitted twice in all: the stopped job and attempt -2, awaited after the kill.
+    assert ray_jobs(base) == {base: "STOPPED", f"{base}-2": "SUCCEEDED"}
+    assert f"Ray job {base}-2 of this run is" in messages(new_run)  # attached, not submitted
     log = JobSubmissionClient().get_job_logs(f"{base}-2")
     assert f"resuming run finetune_from_champion-{run_id[:13]} from step" in log
-    status = subprocess.run([sys.executable, "pipelines/workflows/cli.py", "status", new_run],
-                            cwd=ROOT, capture_output=True, text=True, timeout=60)  # fmt: skip
+    status = subprocess.run([*cli, "status", new_run], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60)  # fmt: skip
     assert "SUCCESS" in status.stdout and "finetune_from_champion: SUCCESS" in status.stdout
+    assert f"re-execution of {killed.run_id}" in status.stdout
 
 
 @pytest.mark.slow
@@ -209,5 +255,84 @@ def test_sensor_starts_one_run_per_new_dataset_version(dagster_services, s3):
     assert "unknown config key train.no_such_key" in failures(run.run_id)
     time.sleep(15)  # three more ticks, nothing new
     assert len(runs()) == 1
+    dagster_services.settings.write_text("{}\n")
+    client.reload_repository_location("vit")
+
+
+SCHEDULE_STATE = """
+mutation($selector: ScheduleSelector!) {
+  startSchedule(scheduleSelector: $selector) {
+    __typename
+    ... on ScheduleStateResult { scheduleState { id status } }
+    ... on PythonError { message }
+  }
+}"""
+STOP_SCHEDULE = """
+mutation($id: String!) {
+  stopRunningSchedule(id: $id) {
+    __typename
+    ... on ScheduleStateResult { scheduleState { status } }
+    ... on PythonError { message }
+  }
+}"""
+
+
+@pytest.mark.slow
+def test_schedule_every_minute_queues_behind_the_running_run(
+    dagster_services, digits_s3, pretrained_backbone
+):
+    """finetune_schedule, due every minute (cron and time zone from the settings file),
+    switched on as the UI's toggle does: while a finetune_pipeline run is in progress, the
+    run its tick starts waits in the daemon's queue (one run per pipeline: tag concurrency
+    limit 1) and starts only after the first one has ended."""
+    import yaml
+    from ray.job_submission import JobSubmissionClient
+
+    # The scheduled runs stop at the config check (a misspelt key): no Ray job, seconds.
+    dagster_services.settings.write_text(yaml.safe_dump({"finetune": {
+        "cron": "* * * * *", "timezone": "Asia/Kolkata", "running": False,
+        "run_config": {"ops": {
+            "dataset_version": {"config": {"location": digits_s3}},
+            "finetune_from_champion": {"config": {"overrides": ["train.no_such_key=1"]}}}},
+    }}))  # fmt: skip
+    client = graphql(dagster_services)
+    client.reload_repository_location("vit")  # cron and time zone are read on load
+    # The run in progress: a long fine-tune on one worker, stopped by this test.
+    first = client.submit_job_execution("finetune_pipeline", run_config={"ops": {
+        "dataset_version": {"config": {"location": digits_s3}},
+        "finetune_from_champion": {"config": {
+            "base": f"models:/{pretrained_backbone}@backbone", "overrides": [
+                *SMALL_JOB, "scaling.num_workers=1", "scaling.placement_strategy=PACK",
+                "train.steps=5000", "checkpoint.every_steps=5000", "tracking.register=false",
+                f"storage=s3://vit/runs-wfs-{uuid.uuid4().hex[:6]}"]}},
+    }})  # fmt: skip
+    started = graphql_post(dagster_services, SCHEDULE_STATE, {"selector": {
+        "repositoryLocationName": "vit", "repositoryName": "__repository__",
+        "scheduleName": "finetune_schedule"}})["startSchedule"]  # fmt: skip
+    assert started["__typename"] == "ScheduleStateResult", started
+    try:
+        (scheduled,) = wait_for(lambda: runs_of(**{"dagster/schedule_name": "finetune_schedule"}),
+                                150, "the schedule's run")  # fmt: skip
+    finally:
+        stopped = graphql_post(dagster_services, STOP_SCHEDULE, {"id": started["scheduleState"]["id"]})
+        assert stopped["stopRunningSchedule"]["__typename"] == "ScheduleStateResult", stopped
+    assert scheduled.tags[".dagster/scheduled_execution_time"].endswith(":00+00:00")  # whole minute
+    time.sleep(12)  # two more passes of the run queue
+    (scheduled,) = runs_of(**{"dagster/schedule_name": "finetune_schedule"})
+    assert client.get_run_status(first).value in ("STARTING", "STARTED")
+    assert scheduled.status.value == "QUEUED"
+
+    base = f"dagster-{first}-finetune_from_champion"
+    wait_for(lambda: ray_jobs(base).get(base) == "RUNNING", 300, "the first run's Ray job")
+    JobSubmissionClient().stop_job(base)
+    assert wait_run(dagster_services, first) == "FAILURE"
+    assert wait_run(dagster_services, scheduled.run_id, 120) == "FAILURE"
+    assert "unknown config key train.no_such_key" in failures(scheduled.run_id)
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        ended = instance.get_run_record_by_id(first).end_time
+        began = instance.get_run_record_by_id(scheduled.run_id).start_time
+    assert began >= ended  # dequeued only once the first run had ended
     dagster_services.settings.write_text("{}\n")
     client.reload_repository_location("vit")

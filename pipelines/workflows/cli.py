@@ -107,7 +107,14 @@ def resume(args) -> int:
         if args.webserver:
             return _resume_through_webserver(args.webserver, parent)
         options = ReexecutionOptions.from_failure(args.run_id, inst)
-        result = execute_job(_job(parent.job_name), instance=inst, reexecution_options=options)
+        # The parent's run config and own tags (as the UI's re-execution copies them):
+        # execute_job starts from empty ones, and the steps' config is required.
+        tags = {k: v for k, v in parent.tags.items() if not k.startswith("dagster/")}
+        # and the tags by which the UI groups a run with its re-executions
+        tags.update({"dagster/parent_run_id": parent.run_id,
+                     "dagster/root_run_id": parent.root_run_id or parent.run_id})  # fmt: skip
+        result = execute_job(_job(parent.job_name), instance=inst, run_config=parent.run_config,
+                             tags=tags, reexecution_options=options)  # fmt: skip
         print(f"run {result.run_id} (re-execution of {args.run_id}): "
               f"{'SUCCESS' if result.success else 'FAILURE'}")  # fmt: skip
         return 0 if result.success else 1

@@ -28,9 +28,13 @@ from pipelines.workflows import steps  # noqa: E402
 
 # Runs of one pipeline carry this tag; dagster.yaml limits each value to one run at a time.
 PIPELINE_TAG = "vit/pipeline"
+# Steps run one after another in the run's own process: each only submits a Ray job and
+# waits, so a process per step (Dagster's default) would only add its start-up, seconds
+# per step on a loaded machine.
+EXECUTOR = dg.in_process_executor
 
 
-@dg.job(tags={PIPELINE_TAG: "full"}, description="make_shards -> pretrain -> finetune -> "
+@dg.job(tags={PIPELINE_TAG: "full"}, executor_def=EXECUTOR, description="make_shards -> pretrain -> finetune -> "
         "evaluate -> promote, each a Ray job")  # fmt: skip
 def full_pipeline():
     dataset = steps.make_shards()
@@ -40,7 +44,7 @@ def full_pipeline():
     steps.promote(dataset, model, evaluation)
 
 
-@dg.job(tags={PIPELINE_TAG: "finetune"}, description="a dataset version -> fine-tune from "
+@dg.job(tags={PIPELINE_TAG: "finetune"}, executor_def=EXECUTOR, description="a dataset version -> fine-tune from "
         "the champion -> evaluate -> promote, each a Ray job")  # fmt: skip
 def finetune_pipeline():
     dataset = steps.dataset_version()
