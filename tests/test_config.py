@@ -15,7 +15,13 @@ PRESETS = ROOT / "pipelines" / "configs"
 
 @pytest.mark.parametrize("preset", sorted(p.name for p in PRESETS.glob("*.yaml")))
 def test_every_preset_loads(preset):
-    cfg = load_config(TrainConfig, PRESETS / preset)
+    import yaml
+
+    from vit_core.tune.config import SearchConfig
+
+    # A search preset (a `tune` section) is for pipelines/tune.py, the others for training.
+    search = "tune" in (yaml.safe_load((PRESETS / preset).read_text()) or {})
+    cfg = load_config(SearchConfig if search else TrainConfig, PRESETS / preset)
     assert cfg.train.global_batch_size > 0
 
 

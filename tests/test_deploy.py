@@ -51,7 +51,11 @@ OPTIONAL = {
     "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
     "VIT_STORAGE_RETRY_SECONDS", "VIT_CACHE_DIR", "VIT_DATA_MAX_BAD_LOGS",
 }  # fmt: skip
-SET_BY_CODE = {"MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"}
+SET_BY_CODE = {
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+    "RAY_CHDIR_TO_TRIAL_DIR",  # a search's trials run in the job's directory
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",  # from scaling.wait_for_workers_s
+}
 # Programs a project-image container runs besides the project's code, and the installed
 # packages (Python and shared libraries) whose files name the variables they read.
 THIRD_PARTY = ("mlflow", "ray", "botocore", "psycopg", "psycopg_binary.libs")
