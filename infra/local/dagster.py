@@ -53,6 +53,17 @@ def prepare_home(home: Path) -> Path:
     return home
 
 
+def create_storage(home: Path) -> None:
+    """Create the instance's SQLite databases (runs, events, schedules) before the daemon and
+    the webserver start: both would otherwise create them at once on a new DAGSTER_HOME, and
+    their migrations can stamp two alembic heads, after which no process opens it."""
+    from dagster import DagsterInstance
+
+    with DagsterInstance.from_config(str(home)) as instance:
+        instance.get_runs(limit=1)
+        instance.all_instigator_state()
+
+
 @dataclass
 class DagsterServices(ProcessGroupService):
     """`dagster-daemon run` and `dagster-webserver`, each in its own process group."""
@@ -72,6 +83,7 @@ class DagsterServices(ProcessGroupService):
 
     def start(self, timeout: float = 180) -> None:
         home = prepare_home(self.home)
+        create_storage(home)
         if self.port:
             require_free(self.port, "Dagster webserver")
         else:
