@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import threading
 import time
 from dataclasses import dataclass
 
@@ -72,6 +71,12 @@ os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "10")
 # the config (the embedded default's data/ and runs/) mean the same (Tune hands this
 # variable from the driver to every trial).
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+# A trial stopped by ASHA waits inside `trainer.fit()` and cannot take Tune's stop
+# request, so its Ray Train run would hold its workers' CPUs until Tune kills the trial
+# (after 600 s by default) and trials started later would wait for them. Killed after
+# this many seconds, the trial's process ends the Train controller it owns, and Ray
+# Train releases the workers and their placement group.
+os.environ.setdefault("TUNE_FORCE_TRIAL_CLEANUP_S", "10")
 
 
 @dataclass
@@ -100,44 +105,15 @@ def run_trial(params: dict, plan: SearchPlan) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
-    running = end_when_stopped()
-    try:
-        cfg = trial_config(plan.base, params)
-        cfg.run_name = trial_run_name(plan, trial_id)
-        cfg.storage = plan.trials_storage
-        cfg.tracking.register = False  # the search registers its best trial only
-        outcome = run_training(cfg, parent_run_id=plan.search_run_id,
-                               callbacks=(TuneReportCallback(),))  # fmt: skip
-        if not outcome.metrics:
-            logged = MlflowClient(plan.tracking_uri).get_run(outcome.mlflow_run_id).data.metrics
-            tune.report({**logged, "step": outcome.final_step})
-    finally:
-        running.clear()
-
-
-def end_when_stopped() -> threading.Event:
-    """When Tune stops this trial while its Ray Train run is still going (ASHA's
-    decision), end the trial's process. The trial waits inside `trainer.fit()`, where it
-    cannot see Tune's stop, and its run would stay blocked in its next report holding its
-    workers' CPUs, so trials started later would wait for them. Ending the process ends
-    the Train controller it owns, whose workers and placement group Ray Train then
-    releases. Returns an event to clear once the trial has finished on its own.
-
-    Tune's stop is read from the trial's session, as Ray's TuneReportCallback reads it
-    (ray.train._internal.session: Tune offers no public handle for it)."""
-    from ray.train._internal.session import get_session
-
-    running = threading.Event()
-    running.set()
-    stop = get_session().stop_event
-
-    def watch() -> None:
-        stop.wait()
-        if running.is_set():
-            os._exit(0)
-
-    threading.Thread(target=watch, name="end-when-stopped", daemon=True).start()
-    return running
+    cfg = trial_config(plan.base, params)
+    cfg.run_name = trial_run_name(plan, trial_id)
+    cfg.storage = plan.trials_storage
+    cfg.tracking.register = False  # the search registers its best trial only
+    outcome = run_training(cfg, parent_run_id=plan.search_run_id,
+                           callbacks=(TuneReportCallback(),))  # fmt: skip
+    if not outcome.metrics:
+        logged = MlflowClient(plan.tracking_uri).get_run(outcome.mlflow_run_id).data.metrics
+        tune.report({**logged, "step": outcome.final_step})
 
 
 def run_search(cfg: SearchConfig) -> TrainingOutcome:
