@@ -46,7 +46,6 @@ from vit_core.train.job import (
     mark_run_on_exit,
     redact,
     register,
-    resolve_init,
     run_training,
 )
 from vit_core.tune.config import (
@@ -125,9 +124,8 @@ def run_search(cfg: SearchConfig) -> TrainingOutcome:
     base = train_config(cfg)
     dimensions(cfg, num_classes=0)  # the space's own faults first, before any I/O
     inputs = check_inputs(base)
-    pinned, lineage = resolve_init(base.model.init_from)
-    base.model.init_from = pinned  # every trial starts from the same version
-    inputs = dataclasses.replace(inputs, init_weights=pinned, lineage=lineage)
+    # check_inputs pinned a models:/NAME@ALIAS start to one version: every trial uses it.
+    base.model.init_from = inputs.init_weights
     dims = dimensions(cfg, inputs.index.num_classes)
     root = cfg.storage if storage.is_remote(cfg.storage) else os.path.abspath(cfg.storage)
     home = storage.join(root, cfg.run_name)
@@ -139,7 +137,7 @@ def run_search(cfg: SearchConfig) -> TrainingOutcome:
         "tune.space_sha256": space_digest(cfg, dims),
         "tune.grid_size": grid_size(dims),
         "train.total_steps": inputs.plan.total_steps,
-        **{f"lineage.{k}": v for k, v in lineage.items()},
+        **{f"lineage.{k}": v for k, v in inputs.lineage.items()},
     })  # fmt: skip
     print(f"search {cfg.run_name}: MLflow run {search_run_id} "
           f"({'resumed' if resumed else 'new'}) at {redact(uri)}", flush=True)  # fmt: skip
