@@ -104,6 +104,17 @@ def run_trial(params: dict, plan: SearchPlan) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial_id = tune.get_context().get_trial_id()
+    client = MlflowClient(plan.tracking_uri)
+    experiment = client.get_experiment_by_name(plan.base.tracking.experiment)
+    for run in client.search_runs(
+        [experiment.experiment_id] if experiment else [], max_results=1,
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{trial_run_name(plan, trial_id)}'",
+    ):  # fmt: skip
+        if run.data.tags.get(STATE_TAG) in ("completed", "stopped early"):
+            # Ended under an earlier driver after Tune last saved its state: the ending
+            # recorded then stands; the trial reports it instead of training on.
+            tune.report({**run.data.metrics, "step": int(run.data.tags.get(STEPS_TAG, 0))})
+            return
     cfg = trial_config(plan.base, params)
     cfg.run_name = trial_run_name(plan, trial_id)
     cfg.storage = plan.trials_storage
@@ -111,7 +122,7 @@ def run_trial(params: dict, plan: SearchPlan) -> None:
     outcome = run_training(cfg, parent_run_id=plan.search_run_id,
                            callbacks=(TuneReportCallback(),))  # fmt: skip
     if not outcome.metrics:
-        logged = MlflowClient(plan.tracking_uri).get_run(outcome.mlflow_run_id).data.metrics
+        logged = client.get_run(outcome.mlflow_run_id).data.metrics
         tune.report({**logged, "step": outcome.final_step})
 
 
