@@ -18,6 +18,8 @@ from vit_core.tune.config import SearchConfig, dimensions, param_space
 CONFIGS = ROOT / "pipelines" / "configs"
 GOOD_LR = 0.003
 GRID = [GOOD_LR, 1e-7, 3.0, 1e-6]  # AdamW: only 3e-3 learns in 60 steps
+# One trial at a time: ASHA's rungs are asynchronous, so with two at once a weak trial that
+# reaches a rung before the good one passes it, and the steps spent depend on timing.
 
 
 def search_config(*overrides: str) -> SearchConfig:
@@ -84,7 +86,7 @@ def search(ray_cluster, mlflow_server, digits_s3):
         "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "train.steps=60",
         "train.eval_every_steps=10", "train.log_every_steps=10", "checkpoint.every_steps=10",
         "optim.warmup_steps=5", "scaling.max_failures=0", "tune.grace_period=20",
-        "tune.reduction_factor=3", "tune.max_concurrent_trials=2",
+        "tune.reduction_factor=3", "tune.max_concurrent_trials=1",
         f"tune.space={{optim.lr: {{grid: {GRID}}}}}", f"tracking.experiment={experiment}",
         f"tracking.registered_model={model}", "tracking.alias=candidate",
     )]  # fmt: skip
