@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +44,13 @@ def test_embedded_default_trains_registers_and_learns(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "data" / "digits" / "v1" / "index.json").exists()
+    # A readable console: each progress line once, the frameworks' chatter in log files.
+    console = proc.stdout + proc.stderr
+    progress = re.findall(r"step \d+/\d+ loss .*", console)
+    assert progress and len(progress) == len(set(progress)), progress
+    for chatter in ("Execution plan of Dataset", "Reporting training result",
+                    "Successfully registered model", "Progress bars disabled"):  # fmt: skip
+        assert chatter not in console, console[-3000:]
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs(
