@@ -185,8 +185,9 @@ def test_launcher_file_validates_against_rays_schema():
 
 # --- Dagster's Helm chart --------------------------------------------------------------
 
-# The keys of Dagster's Helm chart (its values.yaml, release 1.13) that a values file may
-# set, for the parts this project sets: Helm passes a misspelt key on without a word.
+# The keys of Dagster's Helm chart that a values file may set, for the parts this project
+# sets, as read from the chart's values.yaml in Dagster's repository (1.13 releases; the
+# chart itself cannot be fetched here): Helm passes a misspelt key on without a word.
 # None: a value, or a Kubernetes object (those the project's image runs in are checked
 # against Kubernetes' schemas through dagster_objects); [keys]: a list of such mappings.
 POD_KEYS = dict.fromkeys([
@@ -404,6 +405,8 @@ def test_dagster_runs_on_the_platforms_services():
         args[args.index("--python-file") + 1] == IMAGE_ROOT + "pipelines/workflows/definitions.py"
     )
     assert location["includeConfigInLaunchedRuns"]["enabled"]
+    # A run pod writes its steps' outputs under DAGSTER_HOME: the image user's home.
+    assert values["global"]["dagsterHome"].startswith(str(Path(IMAGE_ROOT).parent) + "/")
     (cluster,) = [doc for (kind, _), doc in docs.items() if kind == "RayCluster"]
     head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     port = next(p["containerPort"] for p in head["ports"] if p["name"] == "dashboard")
