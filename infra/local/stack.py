@@ -424,16 +424,19 @@ def postgres_bindir() -> Path:
 
 @dataclass
 class PostgresServer(ProcessGroupService):
-    """A PostgreSQL server on 127.0.0.1 for MLflow's tracking store: one database and its
-    owner, password authentication, TCP only. PostgreSQL refuses to run as root, so under
-    root it runs as the `postgres` user, with its data in /tmp (pytest's and the stack's
-    folders may not be readable by that user)."""
+    """A PostgreSQL server on 127.0.0.1 for MLflow's tracking store and Dagster's instance:
+    a database for each and their owner, password authentication, TCP only. PostgreSQL
+    refuses to run as root, so under root it runs as the `postgres` user, with its data in
+    /tmp (pytest's and the stack's folders may not be readable by that user)."""
 
     root: Path
     port: int = 0
     password: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
     user: str = "mlflow"
     database: str = "mlflow"
+    # Dagster's runs, events and schedules in a database of their own: Dagster and MLflow
+    # both keep their schema's version in a table named alembic_version.
+    dagster_database: str = "dagster"
     pgid: int | None = None
     # Fast shutdown: open sessions are rolled back instead of waited for.
     stop_signal = signal.SIGINT
@@ -445,6 +448,15 @@ class PostgresServer(ProcessGroupService):
 
     def env(self) -> dict[str, str]:
         return {"PGPASSWORD": self.password}
+
+    def dagster_env(self) -> dict[str, str]:
+        """The variables the pipelines' instance config reads for PostgreSQL storage
+        (infra/local/dagster.py; the Helm chart's DAGSTER_PG_PASSWORD among them)."""
+        return {
+            "DAGSTER_PG_HOST": HOST, "DAGSTER_PG_PORT": str(self.port),
+            "DAGSTER_PG_USER": self.user, "DAGSTER_PG_DB": self.dagster_database,
+            "DAGSTER_PG_PASSWORD": self.password,
+        }  # fmt: skip
 
     @property
     def data_dir(self) -> Path:
@@ -505,14 +517,15 @@ class PostgresServer(ProcessGroupService):
         )  # fmt: skip
 
     def _ready(self) -> bool:
-        """It accepts the password, and the database exists."""
+        """It accepts the password, and the databases exist."""
         conn = self._connect("postgres")
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
-                if cur.fetchone() is None:
-                    # Outside a transaction (the connection autocommits), as it must be.
-                    cur.execute(f'CREATE DATABASE "{self.database}"')
+                for database in (self.database, self.dagster_database):
+                    cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+                    if cur.fetchone() is None:
+                        # Outside a transaction (the connection autocommits), as it must be.
+                        cur.execute(f'CREATE DATABASE "{database}"')
         finally:
             conn.close()
         return True
@@ -749,8 +762,11 @@ class LocalStack:
         (self.root / "state.json").write_text(json.dumps(state, indent=2))
         env_file = self.root / "env"
         env_file.touch(mode=0o600)
-        # The database's password too (MLflow needs it at a restart; psql finds it there).
-        env = {**self.env(), **(self.postgres.env() if self.postgres else {})}
+        # The database's password too (MLflow needs it at a restart; psql finds it there),
+        # and where Dagster's database is (`make pipelines-up DB=postgres` reads them).
+        env = self.env()
+        if self.postgres:
+            env.update({**self.postgres.env(), **self.postgres.dagster_env()})
         env_file.write_text("".join(f"export {k}={v}\n" for k, v in sorted(env.items())))
 
     @classmethod
