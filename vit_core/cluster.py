@@ -49,6 +49,14 @@ def quiet_framework_logs() -> None:
         partial.replace(path)  # atomic: processes starting at once never read half a file
     os.environ.setdefault("RAY_DATA_LOGGING_CONFIG", str(path))
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    # Ray Train's placement-group cleaner and Ray's state API find the cluster from
+    # RAY_ADDRESS; without it, on a machine running several Ray instances (a local Ray
+    # beside a cluster), they stop on "Found multiple active Ray instances" and the
+    # placement groups of ended runs are never freed.
+    import ray
+
+    if ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     # Ray's own deprecation notices about its internal calls: nothing a user can act on.
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
 
