@@ -22,6 +22,7 @@ demo finds them finished and trains nothing.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -92,13 +93,38 @@ def run_config() -> dict:
     }}  # fmt: skip
 
 
+@contextlib.contextmanager
+def local_ray():
+    """One local Ray for the run's jobs to join (launch.LOCAL_RAY), as when the demo ran
+    them in one process; nothing when a cluster is named (RAY_ADDRESS: steps are Ray jobs)."""
+    import os
+
+    import ray
+
+    from pipelines.workflows import launch
+
+    if launch.on_ray_cluster():
+        yield
+        return
+    cpus = 2 * (os.cpu_count() or 1)  # as vit_core.cluster starts a local Ray
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+             logging_level="WARNING")  # fmt: skip
+    os.environ[launch.LOCAL_RAY] = ray.get_runtime_context().gcs_address
+    print(f"started a local Ray with {cpus} logical CPUs for the pipeline's jobs", flush=True)
+    try:
+        yield
+    finally:
+        del os.environ[launch.LOCAL_RAY]
+        ray.shutdown()
+
+
 def run_pipeline() -> tuple[str, bool, dict]:
     """Execute full_pipeline here; (Dagster run id, success, each step's output metadata)."""
     from dagster import execute_job
 
     from pipelines.workflows.cli import _job, instance
 
-    with instance() as inst:
+    with instance() as inst, local_ray():
         result = execute_job(_job("full_pipeline"), instance=inst, run_config=run_config(),
                              tags={"vit/started_by": "demo"})  # fmt: skip
         outputs = {}

@@ -5,7 +5,9 @@
   twice, logs read back from the cluster);
 - neither set, the embedded default (`make demo`): the same `python pipelines/<job>.py ...`
   command line as a local process, through Dagster's own PipesSubprocessClient; the job
-  starts its local Ray as it does when run by hand.
+  starts its local Ray as it does when run by hand, or joins the local Ray whose address
+  is in VIT_LOCAL_RAY_ADDRESS (the demo starts one for its whole run: starting and
+  stopping a Ray per job costs tens of seconds on a small machine).
 
 Both hand the job's result back the same way (Dagster Pipes: `vit_core.cli.report_result`
 in the job), so a step, a hand-submitted Ray job and a command typed in a shell are one
@@ -25,6 +27,9 @@ import dagster as dg
 from pipelines.workflows.ray_jobs import JobResult, RayJobPipesClient
 
 ROOT = Path(__file__).resolve().parents[2]
+# A local Ray the embedded default's jobs join (its GCS address), instead of each
+# starting its own; not a cluster to submit Ray jobs to.
+LOCAL_RAY = "VIT_LOCAL_RAY_ADDRESS"
 # Dagster's own Pipes session calls one of its preview functions at every step and warns
 # about it; nothing here uses it.
 warnings.filterwarnings("ignore", category=dg.PreviewWarning,
@@ -57,7 +62,8 @@ def run_local(context: dg.OpExecutionContext, script: str, args: list[str],
     context.log.info(f"running {' '.join(command)}")
     start = time.monotonic()
     try:
-        invocation = dg.PipesSubprocessClient().run(context=context, command=command)
+        shared = {"RAY_ADDRESS": os.environ[LOCAL_RAY]} if os.environ.get(LOCAL_RAY) else {}
+        invocation = dg.PipesSubprocessClient(env=shared).run(context=context, command=command)
     except Exception:  # the process's failure (its output is the step's stdout)
         if timeout_s is not None and time.monotonic() - start >= timeout_s:
             raise dg.Failure(description=f"step {context.op_handle.name}: job {script} ran past "

@@ -250,8 +250,10 @@ def promote(context: dg.OpExecutionContext, config: PromoteStep, dataset: dict,
             "--split", config.split, "--margin", str(config.margin), "--alpha", str(config.alpha)]  # fmt: skip
     record = run_job(context, "promote.py", args, config.timeout_s).record
     decision = record.get("decision") or {}
+    # No decision: the candidate already is the champion (promote.py says so).
+    reason = decision.get("reason") or "nothing to decide: the candidate is the champion"
     context.add_output_metadata({
-        "promoted": bool(decision.get("promote")), "reason": str(decision.get("reason", "")),
+        "promoted": bool(decision.get("promote")), "reason": str(reason),
         "candidate_version": str(decision.get("candidate_version")),
         "champion_version": str(decision.get("champion_version")),
     })  # fmt: skip
