@@ -28,8 +28,10 @@ GOAL_S = 5.0  # orchestration per step, on the development machine
 
 
 def measure(instance, run_id: str) -> dict:
-    """{"run": seconds, "steps": [(step, step seconds, job seconds or None)]} of a finished
-    run, from its run record, step stats and the steps' output metadata (`job_seconds`)."""
+    """{"run": seconds, "steps": [(step, step seconds, job seconds or None)], "status",
+    "launch": seconds from the run's creation to its start (the queue and the launch of
+    its process, for a run the daemon started)} of a finished run, from its run record,
+    step stats and the steps' output metadata (`job_seconds`)."""
     record = instance.get_run_record_by_id(run_id)
     if record is None or not record.end_time:
         raise SystemExit(f"error: no finished run {run_id} in {os.environ['DAGSTER_HOME']}")
@@ -42,11 +44,13 @@ def measure(instance, run_id: str) -> dict:
     steps = [(s.step_key, s.end_time - s.start_time, jobs.get(s.step_key))
              for s in sorted(instance.get_run_step_stats(run_id), key=lambda s: s.start_time)]  # fmt: skip
     return {"run": record.end_time - record.start_time, "steps": steps,
-            "status": record.dagster_run.status.value}  # fmt: skip
+            "status": record.dagster_run.status.value,
+            "launch": record.start_time - record.create_timestamp.timestamp()}  # fmt: skip
 
 
 def report(run_id: str, figures: dict) -> str:
-    lines = [f"run {run_id} ({figures['status']}): {figures['run']:.1f} s wall",
+    lines = [f"run {run_id} ({figures['status']}): {figures['run']:.1f} s wall from its start; "
+             f"{figures['launch']:.1f} s before it, from its creation (queue, launch)",
              f"{'step':<24}{'step s':>9}{'job s':>9}{'orchestration s':>17}"]  # fmt: skip
     for step, took, job in figures["steps"]:
         lines.append(f"{step:<24}{took:9.1f}{(job or 0):9.1f}{took - (job or 0):17.1f}"
