@@ -163,7 +163,7 @@ def train(context: dg.OpExecutionContext, step: TrainStep, job: str, forced: lis
 
 @dg.op
 def make_shards(context: dg.OpExecutionContext, config: ShardsStep) -> dict:
-    """pipelines/make_shards.py as a Ray job; a location that already holds a finished
+    """pipelines/make_shards.py as a job; a location that already holds a finished
     dataset (index.json, written last) is used as it is: a dataset version is immutable."""
     check_run_config(context)
     from vit_core import storage
