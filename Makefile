@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint stack-up stack-down stack-status stack-stop stack-start stack-restart pipelines-up pipelines-down bench clean
+.PHONY: setup demo test lint stack-up stack-down stack-status stack-stop stack-start stack-restart pipelines-up pipelines-down pipelines-screenshot bench clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,10 @@ pipelines-up: $(STAMP)
 
 pipelines-down: $(STAMP)
 	$(BIN)/python -m infra.local.dagster down
+
+# docs/dagster_run.png: the newest run in .dagster (make demo) in the UI, by headless Chromium
+pipelines-screenshot: $(STAMP)
+	$(BIN)/python -m infra.local.dagster screenshot
 
 clean:
 	rm -rf $(VENV) .stack

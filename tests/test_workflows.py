@@ -102,8 +102,18 @@ def small_run_config(tag: str, out: str) -> dict:
     }}  # fmt: skip
 
 
+def secrets_in(root, secrets: list[str]) -> list[str]:
+    """The files under `root` holding any of `secrets` (as bytes: SQLite files included)."""
+    found = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        found += [f"{path}: {secret[:4]}..." for secret in secrets if secret.encode() in data]
+    return found
+
+
 @pytest.mark.slow
-def test_full_pipeline_end_to_end_through_the_daemon(dagster_services, mlflow_server):
+def test_full_pipeline_end_to_end_through_the_daemon(dagster_services, mlflow_server, s3,
+                                                      ray_cluster):  # fmt: skip
     tag = uuid.uuid4().hex[:6]
     out = f"s3://vit/datasets/wf-{tag}/v1"
     run_id = graphql(dagster_services).submit_job_execution(
@@ -124,6 +134,16 @@ def test_full_pipeline_end_to_end_through_the_daemon(dagster_services, mlflow_se
     # The first model for a name is promoted.
     assert done["promote"]["promoted"] is True
     assert client.get_model_version_by_alias(f"wf-digits-{tag}", "champion").version == "1"
+    # No secret in what Dagster recorded (run config, event log, compute logs: all the UI
+    # shows is in the instance directory) nor in the steps' Ray jobs' runtime environments.
+    secrets = [s3.access_key, s3.secret_key, ray_cluster.auth_token]
+    assert secrets_in(dagster_services.home, secrets) == []
+    from ray.job_submission import JobSubmissionClient
+
+    jobs = [j for j in JobSubmissionClient().list_jobs()
+            if (j.submission_id or "").startswith(f"dagster-{run_id}-")]  # fmt: skip
+    assert len(jobs) == 5
+    assert not [j.submission_id for j in jobs if any(s in repr(j) for s in secrets)]
 
 
 def ray_jobs(prefix: str) -> dict[str, str]:
@@ -336,3 +356,61 @@ def test_schedule_every_minute_queues_behind_the_running_run(
     assert began >= ended  # dequeued only once the first run had ended
     dagster_services.settings.write_text("{}\n")
     client.reload_repository_location("vit")
+
+
+def step_failure(result) -> str:
+    """The step failures of an in-process run (execute_in_process), as the UI shows them."""
+    return "\n".join(f"{e.step_failure_data.user_failure_data.description}"
+                     if e.step_failure_data.user_failure_data else e.step_failure_data.error.to_string()
+                     for e in result.all_events if e.is_step_failure)  # fmt: skip
+
+
+def test_a_time_limit_that_is_not_positive_stops_the_run_in_its_first_step(tmp_path):
+    """Checked with every step's parameters before any job runs: one line, step and key."""
+    from pipelines.workflows.definitions import full_pipeline
+
+    out = tmp_path / "never"
+    result = full_pipeline.execute_in_process(raise_on_error=False, run_config={"ops": {
+        "make_shards": {"config": {"out": str(out)}},
+        "promote": {"config": {"timeout_s": 0}},
+    }})  # fmt: skip
+    assert not result.success
+    assert step_failure(result) == (
+        "run config ops.promote.config: timeout_s: Input should be greater than 0")
+    assert not out.exists()
+
+
+def test_a_local_job_past_its_time_limit_is_stopped(tmp_path, monkeypatch):
+    """The embedded default (no RAY_ADDRESS): the step's job is a local process, stopped
+    at its limit; the step fails naming step, job and limit."""
+    from pipelines.workflows.definitions import full_pipeline
+
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "digits"
+    started = time.monotonic()
+    result = full_pipeline.execute_in_process(raise_on_error=False, op_selection=["make_shards"],
+        run_config={"ops": {"make_shards": {"config": {"out": str(out), "timeout_s": 1}}}})  # fmt: skip
+    assert not result.success
+    assert step_failure(result) == ("step make_shards: job make_shards.py ran past its time "
+                                    "limit (timeout_s: 1 s) and was stopped")  # fmt: skip
+    assert time.monotonic() - started < 60
+    assert not (out / "index.json").exists()
+
+
+def test_a_ray_job_past_its_time_limit_is_stopped(ray_cluster, s3):
+    """On a cluster (RAY_ADDRESS): the step's Ray job is stopped at its limit (stop_job)
+    and the step fails with one line naming step, submission id and limit."""
+    from ray.job_submission import JobSubmissionClient
+
+    from pipelines.workflows.definitions import full_pipeline
+    from vit_core import storage
+
+    out = f"s3://vit/datasets/limit-{uuid.uuid4().hex[:6]}/v1"
+    result = full_pipeline.execute_in_process(raise_on_error=False, op_selection=["make_shards"],
+        run_config={"ops": {"make_shards": {"config": {"out": out, "timeout_s": 2}}}})  # fmt: skip
+    submission_id = f"dagster-{result.run_id}-make_shards"
+    assert step_failure(result) == (f"step make_shards: Ray job {submission_id} ran past its "
+                                    "time limit (timeout_s: 2 s) and was stopped")  # fmt: skip
+    assert str(JobSubmissionClient().get_job_status(submission_id)) == "STOPPED"
+    assert not storage.exists(storage.join(out, "index.json"))

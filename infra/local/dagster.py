@@ -4,6 +4,7 @@ pipelines/workflows/definitions.py.
 
     python -m infra.local.dagster up [--home .dagster] [--port 3000] [--db postgres]
     python -m infra.local.dagster down [--home .dagster]      # `make pipelines-up`/`-down`
+    python -m infra.local.dagster screenshot [RUN_ID] [--out docs/dagster_run.png]
 
 The instance config is pipelines/workflows/dagster.yaml (run queue with one run per
 pipeline). Storage (runs, events, schedules) is SQLite in DAGSTER_HOME, the same the
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ import yaml
 from infra.local.stack import (
     HOST,
     ProcessGroupService,
+    StackError,
     find_binary,
     free_port,
     http_ok,
@@ -104,12 +108,14 @@ def create_storage(home: Path) -> None:
 
 @dataclass
 class DagsterServices(ProcessGroupService):
-    """`dagster-daemon run` and `dagster-webserver`, each in its own process group."""
+    """`dagster-daemon run` and `dagster-webserver`, each in its own process group (the
+    webserver alone with daemon=False: enough to look at recorded runs)."""
 
     home: Path
     port: int = 0
     env_extra: dict[str, str] = field(default_factory=dict)
     db: str = "sqlite"  # or "postgres": the instance's storage (see prepare_home)
+    daemon: bool = True
     pgid: int | None = None  # the webserver's
     daemon_pgid: int | None = None
 
@@ -129,9 +135,11 @@ class DagsterServices(ProcessGroupService):
             self.port = free_port()
         env = {**self.env_extra, **self.env(), "PYTHONPATH": str(ROOT)}
         workspace = str(home / "workspace.yaml")
-        daemon = launch([find_binary("dagster-daemon", "dagster"), "run", "-w", workspace],
-                        home / "daemon.log", env)  # fmt: skip
-        self.daemon_pgid = daemon.pid
+        daemon = None
+        if self.daemon:
+            daemon = launch([find_binary("dagster-daemon", "dagster"), "run", "-w", workspace],
+                            home / "daemon.log", env)  # fmt: skip
+            self.daemon_pgid = daemon.pid
         try:
             self._run(
                 [find_binary("dagster-webserver", "dagster-webserver"), "-h", HOST,
@@ -139,10 +147,13 @@ class DagsterServices(ProcessGroupService):
                 home / "webserver.log", env, "Dagster webserver",
                 lambda: http_ok(f"{self.url}/server_info"), timeout,
             )  # fmt: skip
-            wait_until(self.daemon_healthy, timeout, "Dagster daemon", home / "daemon.log", daemon)
+            if daemon is not None:
+                wait_until(self.daemon_healthy, timeout, "Dagster daemon", home / "daemon.log", daemon)
         except BaseException:
             self.stop()
             raise
+        if not self.daemon:  # a private webserver: `make pipelines-down` does not see it
+            return
         (home / "services.json").write_text(json.dumps(
             {"port": self.port, "pgid": self.pgid, "daemon_pgid": self.daemon_pgid}))  # fmt: skip
 
@@ -159,7 +170,8 @@ class DagsterServices(ProcessGroupService):
         if self.daemon_pgid:
             kill_group(self.daemon_pgid)
             self.daemon_pgid = None
-        (self.home / "services.json").unlink(missing_ok=True)
+        if self.daemon:
+            (self.home / "services.json").unlink(missing_ok=True)
 
     @classmethod
     def load(cls, home: Path) -> DagsterServices:
@@ -167,16 +179,71 @@ class DagsterServices(ProcessGroupService):
         return cls(home, state["port"], pgid=state["pgid"], daemon_pgid=state["daemon_pgid"])
 
 
+# A PNG above this is re-saved with a 256-colour palette (the UI has few colours).
+MAX_PNG_BYTES = 300_000
+
+
+def latest_run_id(home: Path) -> str:
+    """The newest run recorded in the instance at `home`."""
+    from dagster import DagsterInstance
+
+    with DagsterInstance.from_config(str(home.absolute())) as instance:
+        runs = instance.get_runs(limit=1)
+    if not runs:
+        raise StackError(f"no Dagster run recorded in {home} (run `make demo` first)")
+    return runs[0].run_id
+
+
+def screenshot(home: Path, run_id: str, out: Path, size: str = "1600,1000") -> Path:
+    """A PNG of the run's page in the Dagster UI (its steps on a time line, the event log),
+    taken by headless Chromium from a webserver over `home` (the running one of `make
+    pipelines-up`, or a private one started and stopped here). Raises StackError when no
+    Chromium is installed (Debian: apt-get install chromium)."""
+    browser = next((found for name in ("chromium", "chromium-browser", "google-chrome")
+                    if (found := shutil.which(name))), None)  # fmt: skip
+    if browser is None:
+        raise StackError("no Chromium found (Debian: apt-get install chromium)")
+    running = (home / "services.json").exists()
+    services = DagsterServices.load(home) if running else DagsterServices(home, daemon=False)
+    if not running:
+        services.start()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # --no-sandbox: Chromium's sandbox refuses to run as root (containers, CI);
+        # the virtual time budget lets the page's requests and rendering finish.
+        subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu",
+                        "--hide-scrollbars", f"--screenshot={out.absolute()}",
+                        f"--window-size={size}", "--virtual-time-budget=20000",
+                        f"{services.url}/runs/{run_id}"],
+                       check=True, capture_output=True, timeout=300)  # fmt: skip
+    finally:
+        if not running:
+            services.stop()
+    if out.stat().st_size > MAX_PNG_BYTES:
+        from PIL import Image
+
+        with Image.open(out) as image:
+            small = image.convert("RGB").quantize(colors=256)
+        small.save(out, optimize=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("command", choices=["up", "down"])
+    parser.add_argument("command", choices=["up", "down", "screenshot"])
+    parser.add_argument("run_id", nargs="?", help="screenshot: the run (default: the newest)")
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("DAGSTER_HOME", ".dagster")))
     parser.add_argument("--port", type=int, default=3000)
     parser.add_argument("--db", choices=DATABASES, default="sqlite",
                         help="the instance's storage: SQLite in --home, or the PostgreSQL "
                         "database that the DAGSTER_PG_* variables name")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dagster_run.png",
+                        help="screenshot: the PNG to write")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.command == "up":
+    if args.command == "screenshot":
+        out = screenshot(args.home, args.run_id or latest_run_id(args.home), args.out)
+        print(f"wrote {out} ({out.stat().st_size // 1000} KB)")
+    elif args.command == "up":
         if (args.home / "services.json").exists():
             print(f"already up: {args.home}/services.json (make pipelines-down first)")
             return 1

@@ -7,7 +7,7 @@
 
 Runs are recorded in the Dagster instance at DAGSTER_HOME (default .dagster, SQLite),
 the one `make pipelines-up` serves. Without --webserver a run executes in this process
-(each step still a Ray job at RAY_ADDRESS); with it, the run goes to the webserver's
+(each step a Ray job at RAY_ADDRESS, or a local process without it); with it, the run goes to the webserver's
 queue and the daemon launches it.
 
 `resume` re-executes a failed run from its failed steps: finished steps are not run

@@ -28,14 +28,14 @@ from pipelines.workflows import steps  # noqa: E402
 
 # Runs of one pipeline carry this tag; dagster.yaml limits each value to one run at a time.
 PIPELINE_TAG = "vit/pipeline"
-# Steps run one after another in the run's own process: each only submits a Ray job and
+# Steps run one after another in the run's own process: each only starts a job and
 # waits, so a process per step (Dagster's default) would only add its start-up, seconds
 # per step on a loaded machine.
 EXECUTOR = dg.in_process_executor
 
 
 @dg.job(tags={PIPELINE_TAG: "full"}, executor_def=EXECUTOR, description="make_shards -> pretrain -> finetune -> "
-        "evaluate -> promote, each a Ray job")  # fmt: skip
+        "evaluate -> promote, each a job (a Ray job, or a local process without RAY_ADDRESS)")  # fmt: skip
 def full_pipeline():
     dataset = steps.make_shards()
     backbone = steps.pretrain(dataset)
@@ -45,7 +45,7 @@ def full_pipeline():
 
 
 @dg.job(tags={PIPELINE_TAG: "finetune"}, executor_def=EXECUTOR, description="a dataset version -> fine-tune from "
-        "the champion -> evaluate -> promote, each a Ray job")  # fmt: skip
+        "the champion -> evaluate -> promote, each a job (a Ray job, or a local process without RAY_ADDRESS)")  # fmt: skip
 def finetune_pipeline():
     dataset = steps.dataset_version()
     model = steps.finetune_from_champion(dataset)

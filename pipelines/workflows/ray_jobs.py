@@ -16,6 +16,10 @@ orchestrator that died and came back) first looks for its jobs on the cluster:
 - the newest attempt RUNNING or PENDING: attach to it and wait (never submit twice);
 - SUCCEEDED: reuse it (its result is read from its log again);
 - FAILED or STOPPED (or none yet): submit the next attempt.
+
+A step's time limit (`timeout_s`) counts from the job's submission (Ray's start_time): past
+it, the job is stopped (`stop_job`) and the step fails with one line naming the step, the
+submission id and the limit.
 """
 
 from __future__ import annotations
@@ -77,13 +81,15 @@ class RayJobLogReader(PipesMessageReader):
 
 
 @dataclass
-class RayJobResult:
-    """What a step hands on: the job's submission id, final status and reported record."""
+class JobResult:
+    """What a step's job hands back: its id (the Ray submission id, or the local process
+    id), final status, reported record and its own wall time."""
 
-    submission_id: str
+    job_id: str
     status: str
     reused: bool  # an earlier job of this run and step was attached to or reused
     record: dict
+    seconds: float  # the job's own time: Ray's start to end times, or the process's life
 
 
 def submission_base(context: dg.OpExecutionContext) -> str:
@@ -117,16 +123,17 @@ def job_client():
 class RayJobPipesClient(dg.PipesClient):
     """Runs `pipelines/<script>` as a Ray job for a Dagster step, through Pipes.
 
-    `run` returns a RayJobResult; it raises dagster.Failure (with the job's last log
-    lines) when the job ends FAILED or STOPPED."""
+    `run` returns a JobResult; it raises dagster.Failure (with the job's last log lines)
+    when the job ends FAILED or STOPPED, or runs past `timeout_s` seconds (then it is
+    stopped first)."""
 
     def __init__(self, poll_seconds: float = 2.0) -> None:
         self.poll_seconds = poll_seconds
 
     def run(  # type: ignore[override]
         self, *, context: dg.OpExecutionContext, script: str, args: list[str],
-        entrypoint_num_cpus: float = 0,
-    ) -> RayJobResult:  # fmt: skip
+        entrypoint_num_cpus: float = 0, timeout_s: float | None = None,
+    ) -> JobResult:  # fmt: skip
         client = job_client()
         base = submission_base(context)
         reader = RayJobLogReader()
@@ -155,7 +162,7 @@ class RayJobPipesClient(dg.PipesClient):
                     metadata={"dagster_run_id": context.run_id,
                               "dagster_step": context.op_handle.name},
                 ))  # fmt: skip
-            status = self._wait(client, submission_id, reader)
+            status = self._wait(client, submission_id, reader, timeout_s, context.op_handle.name)
         record = {}
         for message in session.get_custom_messages():
             if isinstance(message, dict):
@@ -170,8 +177,11 @@ class RayJobPipesClient(dg.PipesClient):
         if not record:
             raise dg.Failure(description=f"Ray job {submission_id} ({script}) succeeded but "
                              "reported no result through Dagster Pipes")  # fmt: skip
-        context.add_output_metadata({"ray_submission_id": submission_id, "reused_job": reused})
-        return RayJobResult(submission_id, status, reused, record)
+        info = client.get_job_info(submission_id)
+        seconds = (info.end_time - info.start_time) / 1000 if info.end_time and info.start_time else 0.0
+        context.add_output_metadata({"ray_submission_id": submission_id, "reused_job": reused,
+                                     "job_seconds": round(seconds, 2)})  # fmt: skip
+        return JobResult(submission_id, status, reused, record, seconds)
 
     def _submit(self, client, context, submission_id: str, entrypoint: str, options: dict,
                 patience: float = 120) -> bool:  # fmt: skip
@@ -192,12 +202,22 @@ class RayJobPipesClient(dg.PipesClient):
                     raise
                 time.sleep(3)
 
-    def _wait(self, client, submission_id: str, reader: RayJobLogReader) -> str:
+    def _wait(self, client, submission_id: str, reader: RayJobLogReader,
+              timeout_s: float | None, step: str) -> str:  # fmt: skip
+        """The job's final status, its log pumped meanwhile; past `timeout_s` (counted from
+        the job's submission, also for a job attached to) it is stopped and the step fails."""
+        started = client.get_job_info(submission_id).start_time / 1000  # ms since the epoch
         while True:
             status = str(client.get_job_status(submission_id))
             reader.pump(client, submission_id)
             if status not in ACTIVE:
                 return status
+            if timeout_s is not None and time.time() - started > timeout_s:
+                client.stop_job(submission_id)
+                while str(client.get_job_status(submission_id)) in ACTIVE:
+                    time.sleep(1)
+                raise dg.Failure(description=f"step {step}: Ray job {submission_id} ran past "
+                                 f"its time limit (timeout_s: {timeout_s:g} s) and was stopped")  # fmt: skip
             time.sleep(self.poll_seconds)
 
 

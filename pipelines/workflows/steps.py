@@ -1,6 +1,7 @@
-"""The pipeline steps (Dagster ops). Each compute step submits one job script as a Ray job
-(ray_jobs.RayJobPipesClient) and passes on a small record (URIs, run ids, versions,
-metrics); none holds training logic.
+"""The pipeline steps (Dagster ops). Each compute step runs one job script, as a Ray job
+on the cluster at RAY_ADDRESS or as a local process on the embedded default
+(launch.run_job), and passes on a small record (URIs, run ids, versions, metrics); none
+holds training logic. Every step takes `timeout_s`, a time limit for its job.
 
 Run config: every step takes the job's own parameters (`config`: presets as the job's
 --config, `overrides`: KEY=VALUE as its --set). The first step of a pipeline checks every
@@ -15,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from pipelines.workflows.ray_jobs import RayJobPipesClient
+from pipelines.workflows.launch import run_job
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs"
 # The jobs' default presets (pipelines/pretrain.py, finetune.py, tune.py).
@@ -26,7 +27,15 @@ DEFAULT_PRESETS = {
 }
 
 
-class TrainStep(dg.Config):
+class Step(dg.Config):
+    """What every step with a job takes."""
+
+    timeout_s: float | None = Field(None, gt=0, description="time limit of the step's job "
+                                    "in seconds: past it the job is stopped and the step "
+                                    "fails; none: no limit")  # fmt: skip
+
+
+class TrainStep(Step):
     """A training job's parameters, as on its command line."""
 
     config: list[str] = Field(default_factory=list, description="presets (--config); "
@@ -41,7 +50,7 @@ class FinetuneStep(TrainStep):
                       "yet (scheduled fine-tune); empty: the preset's model.init_from")  # fmt: skip
 
 
-class ShardsStep(dg.Config):
+class ShardsStep(Step):
     source: str = Field("digits", description="make_shards.py --source")
     out: str = Field(description="dataset location, e.g. s3://vit/datasets/digits/v1")
     args: list[str] = Field(default_factory=list, description="more make_shards.py arguments")
@@ -51,12 +60,12 @@ class DatasetStep(dg.Config):
     location: str = Field(description="the dataset version to fine-tune on (has index.json)")
 
 
-class EvaluateStep(dg.Config):
+class EvaluateStep(Step):
     split: str = "val"
     actors: int = 1
 
 
-class PromoteStep(dg.Config):
+class PromoteStep(Step):
     split: str = "val"
     margin: float = 0.0
     alpha: float = 0.05
@@ -81,11 +90,31 @@ def resolve_train_config(step: TrainStep, job: str, forced: list[str] = ()):
     return load_config(cls, _presets(step, job), [*step.overrides, *forced])
 
 
+# Each step's config class, to check the whole run config in the first step.
+STEP_CONFIGS = {
+    "make_shards": ShardsStep, "dataset_version": DatasetStep, "pretrain": TrainStep,
+    "finetune": FinetuneStep, "finetune_from_champion": FinetuneStep,
+    "evaluate": EvaluateStep, "promote": PromoteStep,
+}  # fmt: skip
+
+
 def check_run_config(context: dg.OpExecutionContext) -> None:
-    """Check every step's job parameters in this run's config before any step works."""
+    """Check every step's parameters in this run's config before any step works: each
+    step's own fields (a time limit must be positive), then the training steps' job
+    configs. Raises dagster.Failure with one line naming the step and the key."""
+    from pydantic import ValidationError
+
     from vit_core.config import ConfigError
 
     ops = (context.run_config or {}).get("ops", {})
+    for name, cls in STEP_CONFIGS.items():
+        raw = (ops.get(name) or {}).get("config")
+        try:
+            if raw is not None:
+                cls(**raw)
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise dg.Failure(description=f"run config ops.{name}.config: {problems}") from None
     for name, job in (("pretrain", "pretrain"), ("finetune", "finetune"),
                       ("finetune_from_champion", "finetune")):  # fmt: skip
         raw = (ops.get(name) or {}).get("config")
@@ -122,10 +151,10 @@ def train(context: dg.OpExecutionContext, step: TrainStep, job: str, forced: lis
     cfg = resolve_train_config(step, job, forced)  # validated again, with what was filled in
     args = [a for name in (step.config or DEFAULT_PRESETS[job]) for a in ("--config", name)]
     args += _sets(*step.overrides, *forced)
-    result = RayJobPipesClient().run(context=context, script=f"{job}.py", args=args)
+    result = run_job(context, f"{job}.py", args, step.timeout_s)
     record = dict(result.record)
     name, version = cfg.tracking.registered_model, record.get("registered_version")
-    record.update(run_name=cfg.run_name, registered_model=name, ray_submission_id=result.submission_id,
+    record.update(run_name=cfg.run_name, registered_model=name, job_id=result.job_id,
                   model_uri=f"models:/{name}/{version}" if version else None)  # fmt: skip
     context.add_output_metadata({"model_uri": str(record["model_uri"]), "run_name": cfg.run_name,
                                  "mlflow_run_id": str(record.get("mlflow_run_id"))})  # fmt: skip
@@ -134,7 +163,7 @@ def train(context: dg.OpExecutionContext, step: TrainStep, job: str, forced: lis
 
 @dg.op
 def make_shards(context: dg.OpExecutionContext, config: ShardsStep) -> dict:
-    """pipelines/make_shards.py as a Ray job; a location that already holds a finished
+    """pipelines/make_shards.py as a job; a location that already holds a finished
     dataset (index.json, written last) is used as it is: a dataset version is immutable."""
     check_run_config(context)
     from vit_core import storage
@@ -145,7 +174,7 @@ def make_shards(context: dg.OpExecutionContext, config: ShardsStep) -> dict:
         context.log.info(f"{config.out} is a finished dataset (version {index.version}): using it")
         return {"location": config.out, "version": index.version, "made": False}
     args = ["--source", config.source, "--out", config.out, "--quiet", *config.args]
-    result = RayJobPipesClient().run(context=context, script="make_shards.py", args=args)
+    result = run_job(context, "make_shards.py", args, config.timeout_s)
     return {**result.record, "location": config.out, "made": True}
 
 
@@ -207,7 +236,7 @@ def evaluate(context: dg.OpExecutionContext, config: EvaluateStep, dataset: dict
     """pipelines/evaluate.py on the fine-tuned version (logged to MLflow, tagged on it)."""
     args = ["--model", model["model_uri"], "--data", dataset["location"],
             "--split", config.split, "--actors", str(config.actors)]  # fmt: skip
-    record = RayJobPipesClient().run(context=context, script="evaluate.py", args=args).record
+    record = run_job(context, "evaluate.py", args, config.timeout_s).record
     context.add_output_metadata({f"eval_{k}": float(v) for k, v in record["metrics"].items()})
     return record
 
@@ -219,10 +248,12 @@ def promote(context: dg.OpExecutionContext, config: PromoteStep, dataset: dict,
     finished step with the decision recorded (here and on the model versions)."""
     args = ["--model", model["registered_model"], "--data", dataset["location"],
             "--split", config.split, "--margin", str(config.margin), "--alpha", str(config.alpha)]  # fmt: skip
-    record = RayJobPipesClient().run(context=context, script="promote.py", args=args).record
+    record = run_job(context, "promote.py", args, config.timeout_s).record
     decision = record.get("decision") or {}
+    # No decision: the candidate already is the champion (promote.py says so).
+    reason = decision.get("reason") or "nothing to decide: the candidate is the champion"
     context.add_output_metadata({
-        "promoted": bool(decision.get("promote")), "reason": str(decision.get("reason", "")),
+        "promoted": bool(decision.get("promote")), "reason": str(reason),
         "candidate_version": str(decision.get("candidate_version")),
         "champion_version": str(decision.get("champion_version")),
     })  # fmt: skip
