@@ -49,18 +49,22 @@ NEEDED = {"MLFLOW_TRACKING_URI", "AWS_REGION"}  # every Ray node and every drive
 # Object-store keys: from the Secret vit-s3 on Kubernetes; on AWS the nodes' instance
 # profile stands in for them.
 KEYS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
-SET_BY_RAY = {"RAY_ADDRESS"}  # set for a job's driver by `ray job submit` (and RayJob)
+# Set for a job's driver by `ray job submit` (and RayJob): the address, the job's config.
+SET_BY_RAY = {"RAY_ADDRESS", "RAY_JOB_CONFIG_JSON_ENV_VAR"}
 # The orchestrator (Dagster's code location and run pods) submits to the cluster itself.
 ORCHESTRATOR = NEEDED | KEYS | {"RAY_ADDRESS"}
 OPTIONAL = {
     "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
     "VIT_STORAGE_RETRY_SECONDS", "VIT_CACHE_DIR", "VIT_DATA_MAX_BAD_LOGS",
-    "VIT_WORKFLOWS_SETTINGS", "RAY_API_SERVER_ADDRESS",
+    "VIT_WORKFLOWS_SETTINGS", "RAY_API_SERVER_ADDRESS", "VIT_WORKFLOWS_RECORDS",
 }  # fmt: skip
 SET_BY_CODE = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
     "RAY_CHDIR_TO_TRIAL_DIR",  # a search's trials run in the job's directory
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S",  # from scaling.wait_for_workers_s
+    # A readable console (vit_core/cluster.py): Ray Data's log config, Ray Train's print.
+    "RAY_DATA_LOGGING_CONFIG", "RAY_TRAIN_ENABLE_PRINT_PATCH",
+    "VIT_LOCAL_RAY_ADDRESS",  # the demo's one local Ray, handed to its jobs
 }
 # Programs a project-image container runs besides the project's code, and the installed
 # packages (Python and shared libraries) whose files name the variables they read.

@@ -25,6 +25,7 @@ import dagster as dg  # noqa: E402
 import yaml  # noqa: E402
 
 from pipelines.workflows import steps  # noqa: E402
+from pipelines.workflows.records import RecordIOManager, records_base  # noqa: E402
 
 # Runs of one pipeline carry this tag; dagster.yaml limits each value to one run at a time.
 PIPELINE_TAG = "vit/pipeline"
@@ -122,5 +123,7 @@ def new_dataset_sensor(context: dg.SensorEvaluationContext):
 
 
 defs = dg.Definitions(
-    jobs=[full_pipeline, finetune_pipeline], schedules=schedules, sensors=[new_dataset_sensor]
+    jobs=[full_pipeline, finetune_pipeline], schedules=schedules, sensors=[new_dataset_sensor],
+    # Steps' records as JSON in the project's storage, readable by a re-execution anywhere.
+    resources={"io_manager": RecordIOManager(base=records_base())},
 )

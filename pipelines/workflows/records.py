@@ -18,15 +18,12 @@ import dagster as dg
 
 from vit_core import storage
 
-# Where records go: this variable, else `records/` in the Dagster instance's directory.
-RECORDS_ENV = "VIT_WORKFLOWS_RECORDS"
-
 
 def records_base() -> str:
     """`VIT_WORKFLOWS_RECORDS` (a directory or s3:// prefix), else `$DAGSTER_HOME/records`
     (`.dagster/records` when DAGSTER_HOME is unset)."""
     home = Path(os.environ.get("DAGSTER_HOME", ".dagster"))
-    return os.environ.get(RECORDS_ENV) or str((home / "records").absolute())
+    return os.environ.get("VIT_WORKFLOWS_RECORDS") or str((home / "records").absolute())
 
 
 class RecordIOManager(dg.ConfigurableIOManager):
