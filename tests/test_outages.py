@@ -13,6 +13,7 @@ import statistics
 import time
 import uuid
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import SMALL_JOB
@@ -20,29 +21,21 @@ from jobs import SubmittedJob, sets
 from mlflow.tracking import MlflowClient
 
 from vit_core import storage
+from vit_core.data import DataConfig, build_dataset, open_dataset
 from vit_core.train.checkpoint import CHECKPOINT_FILES, latest_stored_checkpoint
 
-STEPS = 300
+STEPS = 250
 MLFLOW_DOWN_S = 60
 S3_DOWN_S = 30
 
 
-def outage(service, seconds: float) -> tuple[float, float]:
-    """Stop `service`, wait `seconds`, start it again on its ports and data; returns the
-    wall-clock (time.time) span during which it did not answer."""
-    began = time.time()
-    service.stop()
-    try:
-        time.sleep(seconds)
-    finally:
-        service.start()
-    return began, time.time()
-
-
 @pytest.mark.slow
 def test_training_rides_out_tracking_and_storage_outages(
-    ray_cluster, mlflow_server, s3, digits_s3
+    ray_cluster, ray_client, mlflow_server, s3, digits_s3
 ):
+    """MLflow goes down at T; SeaweedFS at T+25 s for 30 s; MLflow comes back at T+60 s.
+    Overlapping them keeps the job short; step times are compared over the part of the
+    tracking outage that storage was up."""
     tag = uuid.uuid4().hex[:6]
     run_name, root = f"outage-{tag}", f"s3://vit/runs-outage-{tag}"
     location = storage.join(root, run_name)
@@ -51,21 +44,40 @@ def test_training_rides_out_tracking_and_storage_outages(
         f"train.steps={STEPS}", "train.log_every_steps=1", "checkpoint.every_steps=5",
         f"tracking.experiment=outage-{tag}", "tracking.register=false",
     ))  # fmt: skip
-    deadline = time.monotonic() + 240
+    index = open_dataset(digits_s3)
+    deadline = time.monotonic() + 300
     while latest_stored_checkpoint(location) is None:
         assert job.status() in ("PENDING", "RUNNING"), job.logs()[-3000:]
         assert time.monotonic() < deadline, job.logs()[-3000:]
         time.sleep(1)
     time.sleep(5)  # steps before the outage, to compare with
-    mlflow_down = outage(mlflow_server, MLFLOW_DOWN_S)
-    assert job.status() == "RUNNING", "the outages must fall inside the run: raise STEPS"
-    s3_down = outage(s3, S3_DOWN_S)
-    assert job.status() == "RUNNING", "the outages must fall inside the run: raise STEPS"
+
+    mlflow_down = time.time()
+    mlflow_server.stop()
+    try:
+        time.sleep(MLFLOW_DOWN_S - S3_DOWN_S - 5)
+        s3_down = time.time()
+        s3.stop()
+        try:
+            # A shard read of the project's reader, in Ray tasks on the cluster, that
+            # starts while the store is down.
+            reader = ThreadPoolExecutor(1).submit(read_split, digits_s3, "val", index)
+            time.sleep(S3_DOWN_S)
+            assert job.status() == "RUNNING", "the storage outage must fall inside the run"
+        finally:
+            s3.start()
+        s3_up = time.time()
+        time.sleep(max(0.0, mlflow_down + MLFLOW_DOWN_S - time.time()))
+    finally:
+        mlflow_server.start()
+    mlflow_up = time.time()
+    valid, rows = reader.result(timeout=300)
     status = job.wait(timeout=300)
     logs = job.logs()
     assert status == "SUCCEEDED", logs[-4000:]
-    print(f"MLflow down {mlflow_down[1] - mlflow_down[0]:.0f} s, "
-          f"SeaweedFS down {s3_down[1] - s3_down[0]:.0f} s")  # fmt: skip
+    print(f"MLflow down {mlflow_up - mlflow_down:.0f} s, SeaweedFS down {s3_up - s3_down:.0f} s")
+    # The read waited for the store: every sample came through, none counted bad.
+    assert (valid, rows) == (index.num_samples("val"),) * 2
 
     client = MlflowClient(mlflow_server.uri)
     (run,) = client.search_runs([client.get_experiment_by_name(f"outage-{tag}").experiment_id])
@@ -81,19 +93,18 @@ def test_training_rides_out_tracking_and_storage_outages(
     # Steps kept their pace while MLflow was away (timestamps are taken at the step).
     stamps = {m.step: m.timestamp / 1000 for m in history}
     durations = {s: stamps[s] - stamps[s - 1] for s in stamps if s - 1 in stamps}
-    before = [d for s, d in durations.items() if stamps[s] < mlflow_down[0]][-40:]
-    during = [d for s, d in durations.items() if mlflow_down[0] <= stamps[s] <= mlflow_down[1]]
+    before = [d for s, d in durations.items() if stamps[s] < mlflow_down][-40:]
+    during = [d for s, d in durations.items() if mlflow_down <= stamps[s] < s3_down]
     pace = statistics.median(during) / statistics.median(before)
     print(f"median step before the tracking outage {statistics.median(before):.3f} s "
           f"({len(before)} steps), during it {statistics.median(during):.3f} s "
           f"({len(during)} steps): ratio {pace:.2f}")  # fmt: skip
-    assert len(during) >= 20 and pace < 2.0, (before, during)
-    # The storage outage held up a checkpoint upload and cost no sample.
-    checkpoint_steps = [s for s in stamps if s % 5 == 0 and s3_down[0] <= stamps[s] <= s3_down[1]]
-    assert checkpoint_steps, "no checkpoint was taken during the storage outage"
+    assert len(before) >= 10 and len(during) >= 10 and pace < 2.0, (before, during)
+    # A checkpoint upload waited for the store, and no sample was counted bad.
+    held = [s for s in stamps if s % 5 == 0 and s3_down <= stamps[s] < s3_up]
+    assert held, "no checkpoint was taken during the storage outage"
     bad = client.get_metric_history(run_id, "bad_samples")
     assert bad and all(m.value == 0 for m in bad), bad
-    assert "storage unreachable" in logs  # a reader or uploader waited, and said so
     # Every checkpoint left on storage is complete.
     files = defaultdict(set)
     for uri in storage.list_files(location):
@@ -102,6 +113,13 @@ def test_training_rides_out_tracking_and_storage_outages(
             files[name].add(rest)
     assert files and all(CHECKPOINT_FILES <= found for found in files.values()), files
     assert latest_stored_checkpoint(location).step == STEPS
+
+
+def read_split(location: str, split: str, index) -> tuple[int, int]:
+    """(valid rows, rows) of one split read through the project's Ray Data reader."""
+    ds = build_dataset(DataConfig(location=location), split, train=False, index=index)
+    counts = [(int(b["valid"].sum()), len(b["valid"])) for b in ds.iter_batches(batch_size=256)]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
 
 
 def job_train_workers(ray_cluster, submission_id: str) -> list:

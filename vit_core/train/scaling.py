@@ -74,9 +74,13 @@ def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
 
 def failure_config(cfg: TrainConfig) -> ray.train.FailureConfig:
     """Worker failures are retried `scaling.max_failures` times; a worker group that
-    cannot be placed within `scaling.wait_for_workers_s` is not retried."""
+    cannot be placed within `scaling.wait_for_workers_s` is not retried, except in an
+    elastic run: there Ray sizes a restarted group from a view of the nodes refreshed
+    every 20 s (Ray Data's AutoscalingCoordinator), so the first attempt after a node is
+    lost may still count it, and a second attempt, sized afresh, is allowed."""
+    low, high = worker_range(cfg)
     return ray.train.FailureConfig(max_failures=cfg.scaling.max_failures,
-                                   controller_failure_limit=0)  # fmt: skip
+                                   controller_failure_limit=0 if low == high else 2)  # fmt: skip
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
