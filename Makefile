@@ -41,9 +41,10 @@ stack-stop stack-start stack-restart: $(STAMP)
 	$(BIN)/python -m infra.local.stack $(@:stack-%=%) $(SERVICE)
 
 # Dagster's daemon and webserver (UI on 127.0.0.1:3000) over .dagster; with the stack's
-# variables (source .stack/env) their steps run on the stack's Ray cluster.
+# variables (source .stack/env) their steps run on the stack's Ray cluster. DB=postgres:
+# runs, events and schedules in the stack's PostgreSQL (make stack-up DB=postgres).
 pipelines-up: $(STAMP)
-	$(BIN)/python -m infra.local.dagster up
+	$(BIN)/python -m infra.local.dagster up --db $(DB)
 
 pipelines-down: $(STAMP)
 	$(BIN)/python -m infra.local.dagster down

@@ -2,14 +2,18 @@
 on 127.0.0.1 over one instance directory (DAGSTER_HOME), loading
 pipelines/workflows/definitions.py.
 
-    python -m infra.local.dagster up [--home .dagster] [--port 3000]   # `make pipelines-up`
-    python -m infra.local.dagster down [--home .dagster]               # `make pipelines-down`
+    python -m infra.local.dagster up [--home .dagster] [--port 3000] [--db postgres]
+    python -m infra.local.dagster down [--home .dagster]      # `make pipelines-up`/`-down`
 
 The instance config is pipelines/workflows/dagster.yaml (run queue with one run per
-pipeline); storage is SQLite in DAGSTER_HOME, the same the in-process demo writes, so the
-UI shows the demo's runs. Both processes inherit this environment (RAY_ADDRESS,
-MLFLOW_TRACKING_URI, AWS_*): the steps they run submit to that cluster. Secrets stay in
-the environment; nothing here writes them to a file.
+pipeline). Storage (runs, events, schedules) is SQLite in DAGSTER_HOME, the same the
+in-process demo writes, so the UI shows the demo's runs; with `--db postgres` it is the
+PostgreSQL database named by DAGSTER_PG_HOST, DAGSTER_PG_PORT, DAGSTER_PG_USER,
+DAGSTER_PG_DB and DAGSTER_PG_PASSWORD (the local stack's `--db postgres` writes them to
+.stack/env), as the Helm chart's instance reads its password. The instance's schema is
+migrated before the processes start. Both processes inherit this environment
+(RAY_ADDRESS, MLFLOW_TRACKING_URI, AWS_*): the steps they run submit to that cluster.
+Secrets stay in the environment; nothing here writes them to a file.
 """
 
 from __future__ import annotations
@@ -17,10 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from infra.local.stack import (
     HOST,
@@ -39,12 +44,43 @@ DEFINITIONS = ROOT / "pipelines" / "workflows" / "definitions.py"
 INSTANCE_YAML = ROOT / "pipelines" / "workflows" / "dagster.yaml"
 
 
-def prepare_home(home: Path) -> Path:
-    """DAGSTER_HOME with the project's instance config and a workspace naming the
-    definitions file."""
+DATABASES = ("sqlite", "postgres")
+# dagster-postgres' storage for runs, events and schedules, every field from the
+# environment: the instance file holds no address and no password.
+POSTGRES_VARIABLES = {
+    "hostname": "DAGSTER_PG_HOST", "port": "DAGSTER_PG_PORT", "username": "DAGSTER_PG_USER",
+    "db_name": "DAGSTER_PG_DB", "password": "DAGSTER_PG_PASSWORD",
+}  # fmt: skip
+# The driver named: SQLAlchemy 2.1 takes psycopg 3 for a plain postgresql:// URL, whose
+# server-side parameters break dagster-postgres' `NOTIFY run_events, %(id)s`; psycopg2
+# (installed with dagster-postgres) is the driver it is written for.
+POSTGRES_STORAGE = {"storage": {"postgres": {"postgres_db": {
+    **{key: {"env": name} for key, name in POSTGRES_VARIABLES.items()},
+    "scheme": "postgresql+psycopg2",
+}}}}  # fmt: skip
+
+
+def prepare_home(home: Path, db: str = "sqlite") -> Path:
+    """DAGSTER_HOME with the project's instance config (storage in PostgreSQL when `db` is
+    "postgres") and a workspace naming the definitions file. Raises ValueError for another
+    `db`, and for "postgres" when a DAGSTER_PG_* variable is not set."""
+    if db not in DATABASES:
+        raise ValueError(f"db: {db!r} is not one of {', '.join(DATABASES)}")
+    config = yaml.safe_load(INSTANCE_YAML.read_text())
+    if db == "postgres":
+        missing = [v for v in POSTGRES_VARIABLES.values() if not os.environ.get(v)]
+        if missing:
+            raise ValueError(
+                f"Dagster on PostgreSQL needs {', '.join(missing)} in the environment "
+                "(`source .stack/env` after `make stack-up DB=postgres`)"
+            )
+        config.update(POSTGRES_STORAGE)
     home = home.absolute()
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(INSTANCE_YAML, home / "dagster.yaml")
+    (home / "dagster.yaml").write_text(
+        f"# Written by infra/local/dagster.py from {INSTANCE_YAML.relative_to(ROOT)}.\n"
+        + yaml.safe_dump(config, sort_keys=False)
+    )
     (home / "workspace.yaml").write_text(
         "load_from:\n"
         f"  - python_file:\n      relative_path: {DEFINITIONS}\n"
@@ -54,12 +90,14 @@ def prepare_home(home: Path) -> Path:
 
 
 def create_storage(home: Path) -> None:
-    """Create the instance's SQLite databases (runs, events, schedules) before the daemon and
-    the webserver start: both would otherwise create them at once on a new DAGSTER_HOME, and
-    their migrations can stamp two alembic heads, after which no process opens it."""
+    """Create the instance's storage (runs, events, schedules) and migrate it to the
+    installed Dagster's schema (`dagster instance migrate`) before the daemon and the
+    webserver start: on a new SQLite DAGSTER_HOME both would otherwise create it at once,
+    and their migrations can stamp two alembic heads, after which no process opens it."""
     from dagster import DagsterInstance
 
     with DagsterInstance.from_config(str(home)) as instance:
+        instance.upgrade()
         instance.get_runs(limit=1)
         instance.all_instigator_state()
 
@@ -71,6 +109,7 @@ class DagsterServices(ProcessGroupService):
     home: Path
     port: int = 0
     env_extra: dict[str, str] = field(default_factory=dict)
+    db: str = "sqlite"  # or "postgres": the instance's storage (see prepare_home)
     pgid: int | None = None  # the webserver's
     daemon_pgid: int | None = None
 
@@ -82,7 +121,7 @@ class DagsterServices(ProcessGroupService):
         return {"DAGSTER_HOME": str(self.home.absolute())}
 
     def start(self, timeout: float = 180) -> None:
-        home = prepare_home(self.home)
+        home = prepare_home(self.home, self.db)
         create_storage(home)
         if self.port:
             require_free(self.port, "Dagster webserver")
@@ -133,12 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down"])
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("DAGSTER_HOME", ".dagster")))
     parser.add_argument("--port", type=int, default=3000)
+    parser.add_argument("--db", choices=DATABASES, default="sqlite",
+                        help="the instance's storage: SQLite in --home, or the PostgreSQL "
+                        "database that the DAGSTER_PG_* variables name")  # fmt: skip
     args = parser.parse_args(argv)
     if args.command == "up":
         if (args.home / "services.json").exists():
             print(f"already up: {args.home}/services.json (make pipelines-down first)")
             return 1
-        services = DagsterServices(args.home, args.port)
+        services = DagsterServices(args.home, args.port, db=args.db)
+        try:
+            prepare_home(args.home, args.db)  # a missing variable: one line, nothing started
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
         services.start()
         print(f"Dagster UI {services.url} (DAGSTER_HOME={services.home.absolute()}); "
               "daemon running schedules, sensors and the run queue")  # fmt: skip

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -55,12 +56,32 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's range for outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+# Services take ports from here: above Ray's worker ports (10002-19999 by default) and below
+# the kernel's range for outgoing connections, so that while a service is stopped no
+# client connection can take its port and it restarts where its clients look for it.
+SERVICE_PORTS_LOW = 20000
+
+
 def free_port(offsets: tuple[int, ...] = (0,)) -> int:
-    """A port p such that p + each offset is free (SeaweedFS also takes p + 10000)."""
+    """A port p such that p + each offset is free (SeaweedFS also takes p + 10000), chosen
+    between SERVICE_PORTS_LOW and the kernel's ephemeral range when that leaves room."""
+
+    high = _ephemeral_low() - max(offsets)
     for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((HOST, 0))
-            port = sock.getsockname()[1]
+        if high - SERVICE_PORTS_LOW > 100:
+            port = random.randrange(SERVICE_PORTS_LOW, high)
+        else:  # an unusual ephemeral range: let the kernel pick
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((HOST, 0))
+                port = sock.getsockname()[1]
         if port + max(offsets) < 65535 and all(port_is_free(port + o) for o in offsets):
             return port
     raise StackError("no free port found on 127.0.0.1")
@@ -69,6 +90,14 @@ def free_port(offsets: tuple[int, ...] = (0,)) -> int:
 def require_free(port: int, what: str) -> None:
     if not port_is_free(port):
         raise StackError(f"port {port} ({what}) is already in use on {HOST}")
+
+
+def wait_free(ports: list[int], timeout: float = 15.0) -> None:
+    """Wait up to `timeout` seconds for `ports` to be free (a server just killed may take a
+    moment to let go of its sockets); whatever is still taken is reported by the next start."""
+    deadline = time.monotonic() + timeout
+    while any(not port_is_free(p) for p in ports) and time.monotonic() < deadline:
+        time.sleep(0.25)
 
 
 def find_binary(name: str, package: str) -> str:
@@ -196,6 +225,11 @@ class ProcessGroupService:
         if self.pgid:
             kill_group(self.pgid, sig=self.stop_signal)
             self.pgid = None
+            wait_free(self.listen_ports())
+
+    def listen_ports(self) -> list[int]:
+        """The ports it listens on, to be free again once it is stopped."""
+        return []
 
 
 @dataclass
@@ -223,6 +257,9 @@ class SeaweedFS(ProcessGroupService):
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_REGION": "us-east-1",
         }
+
+    def listen_ports(self) -> list[int]:
+        return [p + o for p in self.ports.values() for o in (0, 10000)]
 
     def _choose_ports(self) -> dict[str, int]:
         if self.ports:
@@ -320,6 +357,9 @@ class MLflowServer(ProcessGroupService):
     def env(self) -> dict[str, str]:
         return {"MLFLOW_TRACKING_URI": self.uri}
 
+    def listen_ports(self) -> list[int]:
+        return [self.port] if self.port else []
+
     def start(self, timeout: float = 180) -> None:
         mlflow = find_binary("mlflow", "mlflow")
         if self.port:
@@ -384,16 +424,19 @@ def postgres_bindir() -> Path:
 
 @dataclass
 class PostgresServer(ProcessGroupService):
-    """A PostgreSQL server on 127.0.0.1 for MLflow's tracking store: one database and its
-    owner, password authentication, TCP only. PostgreSQL refuses to run as root, so under
-    root it runs as the `postgres` user, with its data in /tmp (pytest's and the stack's
-    folders may not be readable by that user)."""
+    """A PostgreSQL server on 127.0.0.1 for MLflow's tracking store and Dagster's instance:
+    a database for each and their owner, password authentication, TCP only. PostgreSQL
+    refuses to run as root, so under root it runs as the `postgres` user, with its data in
+    /tmp (pytest's and the stack's folders may not be readable by that user)."""
 
     root: Path
     port: int = 0
     password: str = field(default_factory=lambda: secrets.token_hex(16), repr=False)
     user: str = "mlflow"
     database: str = "mlflow"
+    # Dagster's runs, events and schedules in a database of their own: Dagster and MLflow
+    # both keep their schema's version in a table named alembic_version.
+    dagster_database: str = "dagster"
     pgid: int | None = None
     # Fast shutdown: open sessions are rolled back instead of waited for.
     stop_signal = signal.SIGINT
@@ -406,6 +449,15 @@ class PostgresServer(ProcessGroupService):
     def env(self) -> dict[str, str]:
         return {"PGPASSWORD": self.password}
 
+    def dagster_env(self) -> dict[str, str]:
+        """The variables the pipelines' instance config reads for PostgreSQL storage
+        (infra/local/dagster.py; the Helm chart's DAGSTER_PG_PASSWORD among them)."""
+        return {
+            "DAGSTER_PG_HOST": HOST, "DAGSTER_PG_PORT": str(self.port),
+            "DAGSTER_PG_USER": self.user, "DAGSTER_PG_DB": self.dagster_database,
+            "DAGSTER_PG_PASSWORD": self.password,
+        }  # fmt: skip
+
     @property
     def data_dir(self) -> Path:
         if os.geteuid() == 0:
@@ -414,6 +466,9 @@ class PostgresServer(ProcessGroupService):
 
     def _as_server_user(self, cmd: list[str]) -> list[str]:
         return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+    def listen_ports(self) -> list[int]:
+        return [self.port] if self.port else []
 
     def start(self, timeout: float = 60) -> None:
         bindir = postgres_bindir()
@@ -462,14 +517,15 @@ class PostgresServer(ProcessGroupService):
         )  # fmt: skip
 
     def _ready(self) -> bool:
-        """It accepts the password, and the database exists."""
+        """It accepts the password, and the databases exist."""
         conn = self._connect("postgres")
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (self.database,))
-                if cur.fetchone() is None:
-                    # Outside a transaction (the connection autocommits), as it must be.
-                    cur.execute(f'CREATE DATABASE "{self.database}"')
+                for database in (self.database, self.dagster_database):
+                    cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+                    if cur.fetchone() is None:
+                        # Outside a transaction (the connection autocommits), as it must be.
+                        cur.execute(f'CREATE DATABASE "{database}"')
         finally:
             conn.close()
         return True
@@ -635,6 +691,7 @@ class RayCluster:
         for pgid in reversed(self.pgids):
             kill_group(pgid)
         self.pgids.clear()
+        wait_free([p for p in (self.port, self.dashboard_port) if p])
         for node in ["head", *(f"w{i}" for i in range(self.workers))]:
             shutil.rmtree(self._temp_dir(node), ignore_errors=True)
 
@@ -726,8 +783,11 @@ class LocalStack:
         (self.root / "state.json").write_text(json.dumps(state, indent=2))
         env_file = self.root / "env"
         env_file.touch(mode=0o600)
-        # The database's password too (MLflow needs it at a restart; psql finds it there).
-        env = {**self.env(), **(self.postgres.env() if self.postgres else {})}
+        # The database's password too (MLflow needs it at a restart; psql finds it there),
+        # and where Dagster's database is (`make pipelines-up DB=postgres` reads them).
+        env = self.env()
+        if self.postgres:
+            env.update({**self.postgres.env(), **self.postgres.dagster_env()})
         env_file.write_text("".join(f"export {k}={v}\n" for k, v in sorted(env.items())))
 
     @classmethod

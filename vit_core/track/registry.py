@@ -13,11 +13,15 @@ the version is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import logging
+import os
 import re
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -108,6 +112,23 @@ def signature():
     )
 
 
+@contextlib.contextmanager
+def quiet_mlflow():
+    """MLflow's notices while a model is logged and registered (its INFO lines, its
+    artifact progress bar, its note that `predict` has no type hints: the signature is
+    given) stay off the console; the caller prints one line for the registration."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logger = logging.getLogger("mlflow")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
 def register_model(
     client: MlflowClient,
     run_id: str,
@@ -124,7 +145,7 @@ def register_model(
     import vit_core
 
     digest = weights_digest(model_dir)
-    with mlflow.start_run(run_id=run_id):
+    with quiet_mlflow(), mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(MODEL_CODE),
@@ -136,7 +157,9 @@ def register_model(
             # Listed, not inferred: inference would load the model a second time.
             pip_requirements=["torch", "numpy", "pandas", "pillow", "safetensors"],
         )
-    version = str(mlflow.register_model(info.model_uri, name, tags={**tags, SHA_TAG: digest}).version)
+    with quiet_mlflow():
+        registered = mlflow.register_model(info.model_uri, name, tags={**tags, SHA_TAG: digest})
+    version = str(registered.version)
     # The served model names its version when its weights fail the check; the version is
     # known only now, so it joins the model's files after registration.
     with tempfile.TemporaryDirectory() as tmp:
@@ -152,7 +175,6 @@ def download_weights(uri: str, client: MlflowClient | None = None) -> Path:
     """The model folder (weights, config.json, preprocessing.json) of the version a
     models:/ URI names, downloaded once per node into the storage cache and checked
     against the SHA-256 recorded at registration on every call. Raises RegistryError."""
-    import os
     import shutil
 
     from vit_core import storage

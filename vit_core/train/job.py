@@ -201,6 +201,8 @@ def run_training(
             failure_config=failure_config(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             callbacks=list(callbacks),
+            # Ray Train's reports and checkpoint notices go to its log files, not the console.
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
         datasets={
             # Named as the workers ask for them, whatever the dataset calls its splits.

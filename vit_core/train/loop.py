@@ -17,6 +17,7 @@ import ray.train
 import ray.train.torch
 import torch
 
+from vit_core.cluster import quiet_console_logger
 from vit_core.data import iter_train_batches, mixup_fn
 from vit_core.data.preprocessing import Preprocessing
 from vit_core.train.checkpoint import Checkpointer, Progress
@@ -48,6 +49,9 @@ class WorkerSpec:
 def train_loop_per_worker(config: dict) -> None:
     spec: WorkerSpec = config["spec"]
     cfg = spec.cfg
+    # Ray Train logs its reports through loggers of its own files' names, so its
+    # LoggingConfig misses them: they stay in the worker's log file, off the console.
+    quiet_console_logger("")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
