@@ -63,7 +63,7 @@ def test_training_rides_out_tracking_and_storage_outages(
         # Storage goes down just after a checkpoint early in an epoch: the epoch's data
         # is read already, so the job's next call to storage is a checkpoint upload.
         deadline = time.monotonic() + 60
-        while latest_stored_checkpoint(location).step % EPOCH_STEPS not in range(5, 26):
+        while newest_step(location) % EPOCH_STEPS not in range(5, 26):
             assert time.monotonic() < deadline, job.logs()[-3000:]
             time.sleep(0.2)
         s3_down = time.time()
@@ -123,6 +123,16 @@ def test_training_rides_out_tracking_and_storage_outages(
             files[name].add(rest)
     assert files and all(CHECKPOINT_FILES <= found for found in files.values()), files
     assert latest_stored_checkpoint(location).step == STEPS
+
+
+def newest_step(location: str) -> int:
+    """The newest complete checkpoint's step, read while the job runs: Ray Train may delete
+    a checkpoint (checkpoint.keep_last) between the listing and the read; then ask again."""
+    while True:
+        try:
+            return latest_stored_checkpoint(location).step
+        except storage.StorageError:
+            time.sleep(0.1)
 
 
 def read_split(location: str, split: str, index) -> tuple[int, int]:
