@@ -1,9 +1,11 @@
 """Capacity faults on the two-node cluster (2 CPUs per node): workers the cluster cannot
 place stop the job within the configured wait, in one line, with the MLflow run FAILED;
-trainers may not take the CPUs Ray Data needs."""
+trainers may not take the CPUs Ray Data needs; an elastic run counts workers per node
+and is stopped after the wait below its minimum."""
 
 from __future__ import annotations
 
+import signal
 import time
 import uuid
 
@@ -13,7 +15,12 @@ from jobs import SubmittedJob, sets
 from mlflow.tracking import MlflowClient
 
 from vit_core.train.config import TrainConfig
-from vit_core.train.scaling import CapacityError, check_data_cpus
+from vit_core.train.scaling import (
+    BelowMinimumWatch,
+    CapacityError,
+    check_data_cpus,
+    workers_that_fit,
+)
 
 
 def test_unplaceable_workers_stop_within_the_limit_in_one_line(
@@ -55,3 +62,38 @@ def test_trainers_leave_the_data_pipeline_its_cpus(ray_client):
         check_data_cpus(cfg, 4)
     cfg.scaling.cpus_per_worker = 0.5
     check_data_cpus(cfg, 4)
+
+
+def test_workers_that_fit_are_counted_per_node_as_elastic_mode_does(ray_client):
+    cfg = TrainConfig()
+    cfg.scaling.num_workers = "1..8"
+    fits = {}
+    for cpus in (1.0, 1.5, 2.0, 3.0):
+        cfg.scaling.cpus_per_worker = cpus
+        fits[cpus] = workers_that_fit(cfg)
+    # Two nodes of 2 CPUs: what fits each node, not the cluster's 4 CPUs divided.
+    assert fits == {1.0: 4, 1.5: 2, 2.0: 2, 3.0: 0}
+
+
+def test_an_elastic_run_below_its_minimum_is_stopped_after_the_wait(ray_client):
+    """The driver's watch: fewer than MIN workers fit for scaling.wait_for_workers_s, so it
+    interrupts the driver as Ctrl-C would (Ray Train then aborts the run)."""
+    cfg = TrainConfig()
+    cfg.scaling.num_workers = "1..2"
+    cfg.scaling.cpus_per_worker = 3.0  # no 2-CPU node holds one
+    cfg.scaling.wait_for_workers_s = 2.0
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(time.monotonic()))
+    try:
+        started = time.monotonic()
+        with BelowMinimumWatch(cfg, interval_s=0.5) as watch:
+            while not interrupted and time.monotonic() - started < 30:
+                time.sleep(0.1)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert watch.fired and interrupted
+    assert 2.0 <= interrupted[0] - started < 15
+    assert watch.message().startswith(
+        "fewer than 1 worker x {CPU: 3} fit the cluster for 2 s (scaling.wait_for_workers_s, "
+        "scaling.num_workers=1..2): the cluster has 2 nodes with CPU 2, 2"
+    ), watch.message()

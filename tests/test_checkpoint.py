@@ -18,6 +18,7 @@ from vit_core.train.checkpoint import (
     gather_state,
     latest_stored_checkpoint,
     load_training_state,
+    remove_incomplete_checkpoints,
     save_training_state,
 )
 
@@ -78,6 +79,26 @@ def test_latest_complete_checkpoint_is_found_and_loads(tmp_path):
     assert restored_state.keys() == reference_state.keys()
     for index, state in reference_state.items():
         assert torch.equal(restored_state[index]["exp_avg"], state["exp_avg"])
+
+
+def test_incomplete_checkpoints_older_than_a_complete_one_are_removed(tmp_path):
+    run = tmp_path / "run"
+    write_run(run)
+    early_cut = save(run / "checkpoint_2026-01-01_00-00-01.500000", 12)
+    (early_cut / MODEL_DIR / "model.safetensors").unlink()
+    # The cut step-24 checkpoint is newer than every complete one: it stays for now.
+    assert remove_incomplete_checkpoints(str(run)) == [str(early_cut)]
+    assert not early_cut.exists()
+    assert (run / "checkpoint_2026-01-01_00-00-03.000001").exists()
+    save(run / "checkpoint_2026-01-01_00-00-04.000001", 32)
+    assert remove_incomplete_checkpoints(str(run)) == [
+        str(run / "checkpoint_2026-01-01_00-00-03.000001")
+    ]
+    names = sorted(p.name for p in run.iterdir())
+    assert names == ["best_model_like", "checkpoint_2026-01-01_00-00-01.000001",
+                     "checkpoint_2026-01-01_00-00-02.000001",
+                     "checkpoint_2026-01-01_00-00-04.000001",
+                     "checkpoint_manager_snapshot.json"]  # fmt: skip
 
 
 def test_no_checkpoint_means_a_fresh_start(tmp_path):

@@ -60,6 +60,7 @@ def assert_one_line_error(proc, *fragments: str) -> None:
         (["tracking.registered_model=team/vit"], ["'team/vit'", "'/'"]),
         (["data.val_split=test"], ["data.val_split", "'test'"]),
         (["scaling.wait_for_workers_s=0"], ["scaling.wait_for_workers_s: 0"]),
+        (["scaling.num_workers=2..1"], ["scaling.num_workers: '2..1'", "MIN <= MAX"]),
     ],
 )
 def test_bad_job_inputs_fail_on_the_driver(workdir, overrides, fragments):

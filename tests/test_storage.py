@@ -1,6 +1,7 @@
 """vit_core.storage against a real SeaweedFS, and the same calls on local paths."""
 
 import os
+import pickle
 import re
 import threading
 import time
@@ -197,6 +198,9 @@ def test_pyarrow_filesystem_waits_through_an_outage(private_s3, tmp_path, monkey
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "model.pt").write_bytes(os.urandom(1 << 20))
     fs, path = storage.pyarrow_filesystem("s3://vit/arrow-outage")
+    # A copy, as Ray Train pickles it to its controller and workers (pyarrow's own
+    # pickling of an S3FileSystem drops the retry strategy).
+    fs = pickle.loads(pickle.dumps(fs))
     private_s3.stop()
     restart = _after(10, private_s3.start)
     t0 = time.monotonic()

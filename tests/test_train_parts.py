@@ -11,13 +11,14 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from vit_core.config import load_config
+from vit_core.config import ConfigError, load_config
 from vit_core.eval.metrics import ClassificationMetrics
 from vit_core.model import create_model
 from vit_core.track.runs import MetricWriter
 from vit_core.train.config import ModelSection, TrainConfig
 from vit_core.train.model_setup import build_model
 from vit_core.train.optim import build_optimizer, build_scheduler
+from vit_core.train.scaling import format_workers, scaling_config, worker_range
 from vit_core.train.step import BatchPlan, TrainStep
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=3, num_heads=2)
@@ -38,6 +39,25 @@ def test_batch_plan_reaches_the_global_batch_and_the_step_budget():
     budget = load_config(TrainConfig, None, ["train.steps=500", "train.global_batch_size=512",
                                              "train.micro_batch_size=32"])  # fmt: skip
     assert BatchPlan.of(budget, 10_000, world=4).total_steps == 500
+
+
+def test_an_elastic_worker_range_keeps_the_global_batch_and_the_budget():
+    cfg = load_config(TrainConfig, None, ["scaling.num_workers=2..4", "train.epochs=3",
+                                          "train.global_batch_size=512",
+                                          "train.micro_batch_size=32"])  # fmt: skip
+    assert worker_range(cfg) == (2, 4) and format_workers(cfg) == "2..4"
+    assert scaling_config(cfg).num_workers == (2, 4)
+    # The driver fixes the budget for the largest group; a smaller one accumulates more.
+    budget = BatchPlan.of(cfg, 10_000, world=4).total_steps
+    smaller = BatchPlan.of(cfg, 10_000, world=2, total_steps=budget)
+    assert (smaller.accum, smaller.steps_per_epoch, smaller.total_steps) == (8, 19, 57)
+    assert smaller.micro * smaller.accum * 2 == 512
+    fixed = load_config(TrainConfig, None, ["scaling.num_workers=3"])
+    assert worker_range(fixed) == (3, 3) and scaling_config(fixed).num_workers == 3
+    for bad in ("4..2", "0..2", "two", "1-3"):
+        cfg.scaling.num_workers = bad
+        with pytest.raises(ConfigError, match=f"scaling.num_workers: '{bad}'"):
+            worker_range(cfg)
 
 
 def test_accumulated_micro_batches_step_like_one_batch():

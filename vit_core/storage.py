@@ -134,7 +134,8 @@ def arrow_max_attempts(seconds: float) -> int:
 
 def pyarrow_filesystem(location: str):
     """(pyarrow filesystem, path) for a location, as Ray Data's readers and Ray Train's
-    checkpoint uploads expect. Its requests retry for about VIT_STORAGE_RETRY_SECONDS."""
+    checkpoint uploads expect. Its requests retry for about VIT_STORAGE_RETRY_SECONDS,
+    in this process and in every Ray process it is pickled to."""
     import pyarrow.fs as pafs
 
     if not is_remote(location):
@@ -143,9 +144,7 @@ def pyarrow_filesystem(location: str):
     kwargs = {
         "region": region(),
         "connect_timeout": CONNECT_TIMEOUT_S,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(
-            max_attempts=arrow_max_attempts(retry_seconds())
-        ),
+        "max_attempts": arrow_max_attempts(retry_seconds()),
     }
     if endpoint:
         parsed = urlparse(endpoint)
@@ -155,7 +154,23 @@ def pyarrow_filesystem(location: str):
         kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
         kwargs["secret_key"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
     loc = S3Location.parse(location)
-    return pafs.S3FileSystem(**kwargs), f"{loc.bucket}/{loc.key}".rstrip("/")
+    return _retrying_s3_filesystem(kwargs), f"{loc.bucket}/{loc.key}".rstrip("/")
+
+
+def _retrying_s3_filesystem(kwargs: dict):
+    """pyarrow's S3FileSystem with a standard retry strategy of kwargs["max_attempts"].
+    pyarrow pickles an S3FileSystem without its retry strategy (25.0), so the copies Ray
+    Train sends to its controller and workers, which upload the checkpoints, would
+    retry three times only; this subclass carries its settings through pickling."""
+    import pyarrow.fs as pafs
+
+    class RetryingS3FileSystem(pafs.S3FileSystem):
+        def __reduce__(self):
+            return _retrying_s3_filesystem, (kwargs,)
+
+    options = {k: v for k, v in kwargs.items() if k != "max_attempts"}
+    strategy = pafs.AwsStandardS3RetryStrategy(max_attempts=kwargs["max_attempts"])
+    return RetryingS3FileSystem(retry_strategy=strategy, **options)
 
 
 def _cause(err: Exception) -> Exception:

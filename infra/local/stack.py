@@ -624,6 +624,9 @@ class RayCluster:
                     f"--dashboard-host={HOST}",
                     f"--dashboard-port={self.dashboard_port}",
                     "--include-dashboard=true",
+                    # Ray Client's proxy takes 10001 by default, which clusters side by side
+                    # on one host would share.
+                    f"--ray-client-server-port={free_port()}",
                 ],  # fmt: skip
                 log,
             )
@@ -631,16 +634,34 @@ class RayCluster:
                 lambda: http_ok(f"{self.dashboard_url}/api/version"), timeout, "Ray head", log, head
             )
             for i in range(self.workers):
-                wlog = self.root / f"ray-worker-{i}.log"
-                self._start_node(
-                    [f"--address={self.address}", f"--temp-dir={self._temp_dir(f'w{i}')}"], wlog
-                )
+                self._start_worker(i)
             wait_until(
                 lambda: self.alive_nodes() == self.workers + 1, timeout, "Ray worker nodes", log
             )
         except BaseException:
             self.stop()
             raise
+
+    def _start_worker(self, i: int):
+        args = [f"--address={self.address}", f"--temp-dir={self._temp_dir(f'w{i}')}"]
+        return self._start_node(args, self.root / f"ray-worker-{i}.log")
+
+    def kill_worker_node(self, i: int = 0, timeout: float = 120) -> None:
+        """SIGKILL worker node `i`'s whole process group (raylet, object store, its
+        workers), as a machine that is lost; the head finds out through its health
+        checks; returns once it has (or raises StackError after `timeout`)."""
+        kill_group(self.pgids[1 + i], sig=signal.SIGKILL)
+        wait_until(lambda: self.alive_nodes() == self.workers, timeout,
+                   f"the head noticing worker node {i} gone")  # fmt: skip
+
+    def start_worker_node(self, i: int = 0, timeout: float = 120) -> None:
+        """Start worker node `i` again (after kill_worker_node), as a replacement machine
+        joining the cluster: a new node, on a fresh temporary directory."""
+        shutil.rmtree(self._temp_dir(f"w{i}"), ignore_errors=True)
+        proc = self._start_worker(i)
+        self.pgids[1 + i] = self.pgids.pop()
+        wait_until(lambda: self.alive_nodes() == self.workers + 1, timeout,
+                   f"Ray worker node {i}", self.root / f"ray-worker-{i}.log", proc)  # fmt: skip
 
     def alive_nodes(self) -> int:
         request = urllib.request.Request(

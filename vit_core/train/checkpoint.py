@@ -156,6 +156,27 @@ def latest_stored_checkpoint(run_location: str) -> StoredCheckpoint | None:
     return max(steps, key=lambda c: c.step, default=None)
 
 
+def remove_incomplete_checkpoints(run_location: str) -> list[str]:
+    """Delete the checkpoint folders that miss a file (an upload cut short by a killed
+    worker or a stopped job) and are older than the newest complete one, which a resume
+    takes instead. Ray Train names checkpoint folders by time, so older sorts first.
+    Returns the folders deleted."""
+    prefix = run_location.rstrip("/") + "/"
+    files: dict[str, set[str]] = defaultdict(set)
+    for uri in storage.list_files(run_location):
+        name, _, rest = uri[len(prefix) :].partition("/")
+        if name.startswith("checkpoint_"):
+            files[name].add(rest)
+    complete = [name for name, found in files.items() if CHECKPOINT_FILES <= found]
+    if not complete:
+        return []
+    newest = max(complete)
+    stale = [prefix + n for n, found in files.items() if n < newest and not CHECKPOINT_FILES <= found]
+    for uri in stale:
+        storage.delete(uri)
+    return stale
+
+
 class Checkpointer:
     """A worker's side of checkpoints: `restore` finds the run's newest complete one on
     storage and loads it; `save` gathers the state (every rank calls it), writes it on
@@ -215,3 +236,5 @@ class Checkpointer:
                 if best:
                     storage.upload_dir(Path(tmp) / MODEL_DIR, self.best_model_uri)
             ray.train.report(metrics, checkpoint=checkpoint)
+        if self.rank == 0:  # the checkpoint just reported is on storage
+            remove_incomplete_checkpoints(self.run_location)

@@ -80,7 +80,10 @@ class CheckpointSection:
 
 @dataclass
 class ScalingSection:
-    num_workers: int = 1
+    # A count, or a range MIN..MAX (elastic: Ray Train runs as many workers as the live
+    # nodes hold, between the two, and restarts the group at another size when that
+    # changes; the global batch and the step budget stay the recipe's).
+    num_workers: int | str = 1
     use_gpu: bool = False
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"  # auto: FSDP for L and H, else DDP
     cpus_per_worker: float = 1.0

@@ -32,8 +32,10 @@ from vit_core.train.scaling import (
     check_data_cpus,
     check_scaling,
     failure_config,
+    format_workers,
     placement_limits,
     scaling_config,
+    worker_range,
 )
 from vit_core.train.step import BatchPlan
 
@@ -96,7 +98,9 @@ def check_inputs(cfg: TrainConfig) -> CheckedInputs:
                 f"data.{key}: dataset {cfg.data.location} has no split {split!r} (it has "
                 f"{', '.join(sorted(index.splits))})"
             )
-    plan = BatchPlan.of(cfg, index.num_samples(cfg.data.train_split), cfg.scaling.num_workers)
+    # The step budget and schedule are those of the largest worker group; a smaller one
+    # (an elastic run on fewer nodes) accumulates more micro-batches to the same batch.
+    plan = BatchPlan.of(cfg, index.num_samples(cfg.data.train_split), worker_range(cfg)[1])
     return CheckedInputs(index, plan, init_weights, lineage)
 
 
@@ -163,8 +167,8 @@ def run_training(
         "version.ray": ray.__version__,
         "version.torch": torch.__version__,
         "version.python": platform.python_version(),
-        "cluster.num_workers": cfg.scaling.num_workers,
-        "cluster.num_gpus": cfg.scaling.num_workers if cfg.scaling.use_gpu else 0,
+        "cluster.num_workers": format_workers(cfg),
+        "cluster.num_gpus": worker_range(cfg)[1] if cfg.scaling.use_gpu else 0,
         "data.num_classes": index.num_classes,
         "data.num_train": index.num_samples(cfg.data.train_split),
         "train.total_steps": plan.total_steps,
@@ -175,6 +179,7 @@ def run_training(
         num_classes=index.num_classes,
         class_names=index.class_names,
         num_train=index.num_samples(cfg.data.train_split),
+        total_steps=plan.total_steps,
         run_location=location,
         init_weights=inputs.init_weights,
         tracking_uri=uri,
@@ -206,7 +211,7 @@ def run_training(
         },
     )
     with mark_run_on_exit(client, run_id), placement_limits(cfg):
-        check_data_cpus(cfg, cfg.scaling.num_workers)
+        check_data_cpus(cfg, worker_range(cfg)[0])
         result = trainer.fit()
     latest = latest_stored_checkpoint(location)
     if latest is None:

@@ -39,6 +39,7 @@ class WorkerSpec:
     num_classes: int
     class_names: list[str]
     num_train: int
+    total_steps: int  # the step budget, fixed on the driver for the largest worker group
     run_location: str  # <storage>/<run_name>: checkpoints and best_model/
     init_weights: str | None = None  # resolved starting weights (models:/NAME/VERSION, URI)
     tracking_uri: str | None = None
@@ -58,7 +59,13 @@ def train_loop_per_worker(config: dict) -> None:
     random.seed(cfg.train.seed + rank)
     # A worker group restarted on a smaller cluster must still leave Ray Data its CPUs.
     check_data_cpus(cfg, world)
-    plan = BatchPlan.of(cfg, spec.num_train, world)
+    # Accumulation to the recipe's global batch for this group's size; the budget (and
+    # so the schedule) is the driver's, whatever size an elastic run has now.
+    plan = BatchPlan.of(cfg, spec.num_train, world, spec.total_steps)
+    if rank == 0:
+        print(f"{world} worker{'s' if world != 1 else ''}: {plan.accum} micro-batch"
+              f"{'es' if plan.accum != 1 else ''} of {plan.micro} per worker per step (global "
+              f"batch {plan.micro * plan.accum * world})", flush=True)  # fmt: skip
 
     if spec.tracking_uri:  # a models:/ starting point is read from the driver's registry
         from vit_core.track.runs import set_tracking

@@ -17,6 +17,10 @@ stops with one line instead of hanging.
 from __future__ import annotations
 
 import os
+import re
+import signal
+import threading
+import time
 from contextlib import contextmanager
 
 import ray
@@ -35,10 +39,33 @@ class CapacityError(RuntimeError):
     leave no CPU to its data pipeline; the message is one line naming both sides."""
 
 
+def worker_range(cfg: TrainConfig) -> tuple[int, int]:
+    """scaling.num_workers as (min, max): a count N is (N, N), `MIN..MAX` a range (Ray
+    Train's elastic mode). Raises ConfigError naming the value."""
+    value = cfg.scaling.num_workers
+    if isinstance(value, int):
+        low = high = value
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*\.\.\s*(\d+)\s*", value)
+        if not match:
+            raise ConfigError(f"scaling.num_workers: {value!r} (a count, or MIN..MAX such as 2..8)")
+        low, high = int(match[1]), int(match[2])
+    if low < 1 or high < low:
+        raise ConfigError(f"scaling.num_workers: {value!r} (at least 1, and MIN <= MAX)")
+    return low, high
+
+
+def format_workers(cfg: TrainConfig) -> str:
+    """`2` or `1..2`, for a message."""
+    low, high = worker_range(cfg)
+    return str(low) if low == high else f"{low}..{high}"
+
+
 def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
     s = cfg.scaling
+    low, high = worker_range(cfg)
     return ray.train.ScalingConfig(
-        num_workers=s.num_workers,
+        num_workers=low if low == high else (low, high),
         use_gpu=s.use_gpu,
         resources_per_worker=worker_resources(cfg),
         placement_strategy=s.placement_strategy,
@@ -47,9 +74,13 @@ def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
 
 def failure_config(cfg: TrainConfig) -> ray.train.FailureConfig:
     """Worker failures are retried `scaling.max_failures` times; a worker group that
-    cannot be placed within `scaling.wait_for_workers_s` is not retried."""
+    cannot be placed within `scaling.wait_for_workers_s` is not retried, except in an
+    elastic run: there Ray sizes a restarted group from a view of the nodes refreshed
+    every 20 s (Ray Data's AutoscalingCoordinator), so the first attempt after a node is
+    lost may still count it, and a second attempt, sized afresh, is allowed."""
+    low, high = worker_range(cfg)
     return ray.train.FailureConfig(max_failures=cfg.scaling.max_failures,
-                                   controller_failure_limit=0)  # fmt: skip
+                                   controller_failure_limit=0 if low == high else 2)  # fmt: skip
 
 
 def worker_resources(cfg: TrainConfig) -> dict[str, float]:
@@ -62,11 +93,16 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
 @contextmanager
 def placement_limits(cfg: TrainConfig):
     """Around `trainer.fit()`: one placement attempt of `scaling.wait_for_workers_s`
-    (the variable is restored afterwards), and its timeout as one CapacityError line."""
+    (the variable is restored afterwards), and its timeout as one CapacityError line;
+    for an elastic run, the same limit on a cluster that holds fewer than MIN workers."""
     previous = os.environ.get(START_TIMEOUT_ENV)
     os.environ[START_TIMEOUT_ENV] = f"{cfg.scaling.wait_for_workers_s:g}"
+    watch = BelowMinimumWatch(cfg)
     try:
-        yield
+        with watch:
+            yield
+        if watch.fired:  # the aborted run may also end without an error
+            raise CapacityError(watch.message())
     except ray.train.WorkerGroupError as err:
         # A restarted worker group refused by check_data_cpus, once Ray's retries are spent.
         for failure in err.worker_failures.values():
@@ -77,15 +113,21 @@ def placement_limits(cfg: TrainConfig):
     except ray.train.ControllerError as err:
         # The type is Ray Train's internal WorkerGroupStartupTimeoutError; it has no public
         # name, so it is matched by name and anything else passes through unchanged.
+        if watch.fired:
+            raise CapacityError(watch.message()) from None
         if type(err.controller_failure).__name__ != "WorkerGroupStartupTimeoutError":
             raise
-        n = cfg.scaling.num_workers
+        n = format_workers(cfg)
         raise CapacityError(
-            f"could not place {n} worker{'s' if n != 1 else ''} x "
+            f"could not place {n} worker{'s' if n != '1' else ''} x "
             f"{format_resources(worker_resources(cfg))} ({cfg.scaling.placement_strategy}) "
             f"within {cfg.scaling.wait_for_workers_s:g} s (scaling.wait_for_workers_s): "
             f"{describe_cluster()}"
         ) from None
+    except Exception:
+        if watch.fired:
+            raise CapacityError(watch.message()) from None
+        raise
     finally:
         if previous is None:
             os.environ.pop(START_TIMEOUT_ENV, None)
@@ -93,11 +135,77 @@ def placement_limits(cfg: TrainConfig):
             os.environ[START_TIMEOUT_ENV] = previous
 
 
+class BelowMinimumWatch:
+    """For an elastic run (scaling.num_workers MIN..MAX), from the driver: Ray Train's
+    ElasticScalingPolicy starts no worker group while the live nodes hold fewer than MIN
+    workers, and waits so without end. When they have held fewer than MIN for
+    `scaling.wait_for_workers_s`, this aborts the run as Ctrl-C does (Ray Train's SIGINT
+    handler stops the controller) and sets `fired`. Workers are counted as Ray counts
+    them: per live node, how many workers' resources fit in its total resources."""
+
+    def __init__(self, cfg: TrainConfig, interval_s: float = 2.0) -> None:
+        self.cfg, self.interval_s = cfg, interval_s
+        self.low = worker_range(cfg)[0]
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self):
+        low, high = worker_range(self.cfg)
+        # Only the main thread can take the SIGINT; a search's trial runs in another.
+        if low != high and threading.current_thread() is threading.main_thread():
+            self._thread = threading.Thread(target=self._watch, name="below-min", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        return False
+
+    def _watch(self) -> None:
+        since = None
+        while not self._stop.wait(self.interval_s):
+            try:
+                fit = workers_that_fit(self.cfg)
+            except Exception:  # the GCS is busy or restarting: ask again
+                continue
+            if fit >= self.low:
+                since = None
+                continue
+            since = since if since is not None else time.monotonic()
+            if time.monotonic() - since >= self.cfg.scaling.wait_for_workers_s:
+                self.fired = True
+                os.kill(os.getpid(), signal.SIGINT)
+                return
+
+    def message(self) -> str:
+        return (
+            f"fewer than {self.low} worker{'s' if self.low != 1 else ''} x "
+            f"{format_resources(worker_resources(self.cfg))} fit the cluster for "
+            f"{self.cfg.scaling.wait_for_workers_s:g} s (scaling.wait_for_workers_s, "
+            f"scaling.num_workers={format_workers(self.cfg)}): {describe_cluster()}"
+        )
+
+
+def workers_that_fit(cfg: TrainConfig) -> int:
+    """How many workers the live nodes hold, as Ray Train's elastic mode counts them:
+    per node, the whole workers its total resources fit."""
+    need = {k: v for k, v in worker_resources(cfg).items() if v > 0}
+    if not need:
+        return worker_range(cfg)[1]
+    return sum(
+        int(min(n["Resources"].get(k, 0.0) // v for k, v in need.items()))
+        for n in ray.nodes()
+        if n.get("Alive")
+    )
+
+
 def check_scaling(cfg: TrainConfig) -> None:
     """The scaling section's numbers, on the driver before anything starts."""
     s = cfg.scaling
-    if s.num_workers < 1:
-        raise ConfigError(f"scaling.num_workers: {s.num_workers} (at least 1)")
+    worker_range(cfg)
     if s.wait_for_workers_s <= 0:
         raise ConfigError(f"scaling.wait_for_workers_s: {s.wait_for_workers_s:g} (seconds, > 0)")
     if s.data_cpus < 0 or s.cpus_per_worker < 0:

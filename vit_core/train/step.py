@@ -26,13 +26,14 @@ class BatchPlan:
     total_steps: int
 
     @classmethod
-    def of(cls, cfg: TrainConfig, num_train: int, world: int) -> BatchPlan:
-        """Gradient accumulation to train.global_batch_size; the step budget is
-        train.steps, or train.epochs passes over `num_train` images."""
+    def of(cls, cfg: TrainConfig, num_train: int, world: int, total_steps: int = 0) -> BatchPlan:
+        """Gradient accumulation to train.global_batch_size with `world` workers; the step
+        budget is `total_steps` when given (fixed once for a run whose worker count may
+        change), else train.steps, or train.epochs passes over `num_train` images."""
         micro = cfg.train.micro_batch_size
         accum = max(1, cfg.train.global_batch_size // (micro * world))
         steps_per_epoch = max(1, num_train // (micro * world * accum))
-        total = cfg.train.steps or cfg.train.epochs * steps_per_epoch
+        total = total_steps or cfg.train.steps or cfg.train.epochs * steps_per_epoch
         return cls(micro, accum, steps_per_epoch, total)
 
 

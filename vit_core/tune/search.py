@@ -184,11 +184,14 @@ def trials_that_fit(base: TrainConfig) -> int:
     GPUs) and the CPUs its Ray Data pipeline keeps (scaling.data_cpus)."""
     import ray
 
+    from vit_core.train.scaling import worker_range
+
     total = ray.cluster_resources()
-    per_trial = base.scaling.num_workers * base.scaling.cpus_per_worker + base.scaling.data_cpus
+    workers = worker_range(base)[1]
+    per_trial = workers * base.scaling.cpus_per_worker + base.scaling.data_cpus
     fits = int(total.get("CPU", 0) // per_trial)
     if base.scaling.use_gpu:
-        fits = min(fits, int(total.get("GPU", 0) // base.scaling.num_workers))
+        fits = min(fits, int(total.get("GPU", 0) // workers))
     return max(1, fits)
 
 

@@ -1,0 +1,157 @@
+"""Service outages in the middle of one training job on the two-node cluster: the MLflow
+server stopped for 60 s, and SeaweedFS for 30 s within that, as an operator would see
+them. The run finishes without a worker-group restart, every step's metrics reach MLflow
+once, steps keep their pace while MLflow is away, a checkpoint upload and a shard read
+wait for the store, no sample is counted bad, and no incomplete checkpoint is left.
+
+The session's own servers are stopped and started again on their ports and data
+(tests run one at a time, so nothing else uses them meanwhile)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import SMALL_JOB
+from jobs import SubmittedJob, sets
+from mlflow.tracking import MlflowClient
+
+from vit_core import storage
+from vit_core.data import DataConfig, build_dataset, open_dataset
+from vit_core.train.checkpoint import CHECKPOINT_FILES, latest_stored_checkpoint
+
+STEPS = 300
+MLFLOW_DOWN_S = 60
+S3_DOWN_S = 30
+# Global batch 32 on the 1438 training digits: 44 steps an epoch, a checkpoint every 5.
+EPOCH_STEPS = 44
+
+
+@pytest.mark.slow
+def test_training_rides_out_tracking_and_storage_outages(
+    ray_cluster, ray_client, mlflow_server, s3, digits_s3
+):
+    """MLflow goes down at T; SeaweedFS some 15 s later for 30 s; MLflow comes back at
+    T+60 s (or later: its start takes long on a loaded machine). Overlapping them keeps the
+    job short; step times are compared over the part of the tracking outage that storage
+    was up."""
+    tag = uuid.uuid4().hex[:6]
+    run_name, root = f"outage-{tag}", f"s3://vit/runs-outage-{tag}"
+    location = storage.join(root, run_name)
+    job = SubmittedJob(ray_cluster, "pretrain.py", sets(
+        *SMALL_JOB, f"run_name={run_name}", f"storage={root}", f"data.location={digits_s3}",
+        f"train.steps={STEPS}", "train.log_every_steps=1", "checkpoint.every_steps=5",
+        "train.global_batch_size=32", "train.micro_batch_size=16",
+        f"tracking.experiment=outage-{tag}", "tracking.register=false",
+    ))  # fmt: skip
+    index = open_dataset(digits_s3)
+    deadline = time.monotonic() + 300
+    while latest_stored_checkpoint(location) is None:
+        assert job.status() in ("PENDING", "RUNNING"), job.logs()[-3000:]
+        assert time.monotonic() < deadline, job.logs()[-3000:]
+        time.sleep(1)
+    time.sleep(5)  # steps before the outage, to compare with
+
+    mlflow_down = time.time()
+    mlflow_server.stop()
+    try:
+        time.sleep(15)
+        # Storage goes down just after a checkpoint early in an epoch: the epoch's data
+        # is read already, so the job's next call to storage is a checkpoint upload.
+        deadline = time.monotonic() + 60
+        while newest_step(location) % EPOCH_STEPS not in range(5, 26):
+            assert time.monotonic() < deadline, job.logs()[-3000:]
+            time.sleep(0.2)
+        s3_down = time.time()
+        s3.stop()
+        try:
+            # A shard read of the project's reader, in Ray tasks on the cluster, that
+            # starts while the store is down.
+            reader = ThreadPoolExecutor(1).submit(read_split, digits_s3, "val", index)
+            time.sleep(S3_DOWN_S)
+            assert job.status() == "RUNNING", "the storage outage must fall inside the run"
+        finally:
+            s3.start()
+        s3_up = time.time()
+        time.sleep(max(0.0, mlflow_down + MLFLOW_DOWN_S - time.time()))
+    finally:
+        mlflow_server.start()
+    mlflow_up = time.time()
+    valid, rows = reader.result(timeout=300)
+    status = job.wait(timeout=300)
+    logs = job.logs()
+    assert status == "SUCCEEDED", logs[-4000:]
+    print(f"MLflow down {mlflow_up - mlflow_down:.0f} s, SeaweedFS down {s3_up - s3_down:.0f} s")
+    # The read waited for the store: every sample came through, none counted bad.
+    assert (valid, rows) == (index.num_samples("val"),) * 2
+
+    client = MlflowClient(mlflow_server.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(f"outage-{tag}").experiment_id])
+    run_id = run.info.run_id
+    assert run.info.status == "FINISHED"
+    # No worker-group restart: nothing resumed, and the job had one group of two workers.
+    assert client.get_metric_history(run_id, "resumed_from_step") == []
+    assert "resumed from" not in logs
+    assert len(job_train_workers(ray_cluster, job.job_id)) == 2
+    # Every step's metrics arrived once, in spite of the tracking outage.
+    history = client.get_metric_history(run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    # Steps kept their pace while MLflow was away (timestamps are taken at the step).
+    stamps = {m.step: m.timestamp / 1000 for m in history}
+    durations = {s: stamps[s] - stamps[s - 1] for s in stamps if s - 1 in stamps}
+    before = [d for s, d in durations.items() if stamps[s] < mlflow_down][-40:]
+    during = [d for s, d in durations.items() if mlflow_down <= stamps[s] < s3_down]
+    pace = statistics.median(during) / statistics.median(before)
+    print(f"median step before the tracking outage {statistics.median(before):.3f} s "
+          f"({len(before)} steps), during it {statistics.median(during):.3f} s "
+          f"({len(during)} steps): ratio {pace:.2f}")  # fmt: skip
+    assert len(before) >= 10 and len(during) >= 10 and pace < 2.0, (before, during)
+    # A checkpoint upload waited for the store, and no sample was counted bad.
+    held = [s for s in stamps if s % 5 == 0 and s3_down <= stamps[s] < s3_up]
+    assert held, "no checkpoint was taken during the storage outage"
+    bad = client.get_metric_history(run_id, "bad_samples")
+    assert bad and all(m.value == 0 for m in bad), bad
+    # Every checkpoint left on storage is complete.
+    files = defaultdict(set)
+    for uri in storage.list_files(location):
+        name, _, rest = uri[len(location) + 1 :].partition("/")
+        if name.startswith("checkpoint_"):
+            files[name].add(rest)
+    assert files and all(CHECKPOINT_FILES <= found for found in files.values()), files
+    assert latest_stored_checkpoint(location).step == STEPS
+
+
+def newest_step(location: str) -> int:
+    """The newest complete checkpoint's step, read while the job runs: Ray Train may delete
+    a checkpoint (checkpoint.keep_last) between the listing and the read; then ask again."""
+    while True:
+        try:
+            return latest_stored_checkpoint(location).step
+        except storage.StorageError:
+            time.sleep(0.1)
+
+
+def read_split(location: str, split: str, index) -> tuple[int, int]:
+    """(valid rows, rows) of one split read through the project's Ray Data reader."""
+    ds = build_dataset(DataConfig(location=location), split, train=False, index=index)
+    counts = [(int(b["valid"].sum()), len(b["valid"])) for b in ds.iter_batches(batch_size=256)]
+    return sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+def job_train_workers(ray_cluster, submission_id: str) -> list:
+    """The Ray Train worker actors a submitted job ever had."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
+    job_id = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(submission_id).job_id
+    workers = list_actors(
+        address=ray_cluster.dashboard_url,
+        filters=[("class_name", "=", "RayTrainWorker")],
+        detail=True,
+        raise_on_missing_output=False,
+    )
+    return [w for w in workers if w.job_id == job_id]
