@@ -33,10 +33,15 @@ PIPELINE_TAG = "vit/pipeline"
 # waits, so a process per step (Dagster's default) would only add its start-up, seconds
 # per step on a loaded machine.
 EXECUTOR = dg.in_process_executor
+# Steps' records as JSON in the project's storage, readable by a re-execution anywhere.
+# Bound to the jobs themselves, so the CLI's and the demo's runs (which execute a job
+# without the Definitions) keep them where the daemon's runs do.
+RESOURCES = {"io_manager": RecordIOManager(base=records_base())}
 
 
-@dg.job(tags={PIPELINE_TAG: "full"}, executor_def=EXECUTOR, description="make_shards -> pretrain -> finetune -> "
-        "evaluate -> promote, each a job (a Ray job, or a local process without RAY_ADDRESS)")  # fmt: skip
+@dg.job(tags={PIPELINE_TAG: "full"}, executor_def=EXECUTOR, resource_defs=RESOURCES,
+        description="make_shards -> pretrain -> finetune -> evaluate -> promote, each a job "
+        "(a Ray job, or a local process without RAY_ADDRESS)")  # fmt: skip
 def full_pipeline():
     dataset = steps.make_shards()
     backbone = steps.pretrain(dataset)
@@ -45,8 +50,9 @@ def full_pipeline():
     steps.promote(dataset, model, evaluation)
 
 
-@dg.job(tags={PIPELINE_TAG: "finetune"}, executor_def=EXECUTOR, description="a dataset version -> fine-tune from "
-        "the champion -> evaluate -> promote, each a job (a Ray job, or a local process without RAY_ADDRESS)")  # fmt: skip
+@dg.job(tags={PIPELINE_TAG: "finetune"}, executor_def=EXECUTOR, resource_defs=RESOURCES,
+        description="a dataset version -> fine-tune from the champion -> evaluate -> promote, "
+        "each a job (a Ray job, or a local process without RAY_ADDRESS)")  # fmt: skip
 def finetune_pipeline():
     dataset = steps.dataset_version()
     model = steps.finetune_from_champion(dataset)
@@ -124,6 +130,4 @@ def new_dataset_sensor(context: dg.SensorEvaluationContext):
 
 defs = dg.Definitions(
     jobs=[full_pipeline, finetune_pipeline], schedules=schedules, sensors=[new_dataset_sensor],
-    # Steps' records as JSON in the project's storage, readable by a re-execution anywhere.
-    resources={"io_manager": RecordIOManager(base=records_base())},
 )
