@@ -431,7 +431,9 @@ def list_files(location: str) -> list[str]:
             return [str(root)]
         if not root.is_dir():
             return []
-        return sorted(str(p) for p in root.rglob("*") if p.is_file())
+        # os.walk skips a folder deleted while it walks (Ray Train removing an old
+        # checkpoint), as an S3 listing is a snapshot; rglob would raise.
+        return sorted(str(Path(d, f)) for d, _, names in os.walk(root) for f in names)
     loc = S3Location.parse(location)
     prefix = loc.key.rstrip("/") + "/" if loc.key else ""
     keys = _call(location, _list_keys, loc.bucket, prefix)
@@ -449,9 +451,9 @@ def delete(location: str) -> None:
     if not is_remote(location):
         path = Path(location)
         if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
+            shutil.rmtree(path, ignore_errors=True)  # what is already gone is deleted
+        else:
+            path.unlink(missing_ok=True)
         return
     loc = S3Location.parse(location)
     keys = [S3Location.parse(uri).key for uri in list_files(location)]
