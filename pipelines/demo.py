@@ -107,8 +107,9 @@ def local_ray():
         yield
         return
     cpus = 2 * (os.cpu_count() or 1)  # as vit_core.cluster starts a local Ray
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-             logging_level="WARNING")  # fmt: skip
+    # With its dashboard: Ray Train's placement-group cleaner asks the state API, which
+    # it serves, whether a run's controller is alive (without it, a warning a second).
+    ray.init(address="local", num_cpus=cpus, log_to_driver=False, logging_level="WARNING")
     os.environ[launch.LOCAL_RAY] = ray.get_runtime_context().gcs_address
     print(f"started a local Ray with {cpus} logical CPUs for the pipeline's jobs", flush=True)
     try:
