@@ -134,6 +134,18 @@ class StoredCheckpoint:
     step: int
 
 
+def checkpoint_files(run_location: str) -> dict[str, set[str]]:
+    """Each checkpoint folder under a run's location (`checkpoint_<time>`) -> the paths of
+    the files in it, relative to the folder."""
+    prefix = run_location.rstrip("/") + "/"
+    files: dict[str, set[str]] = defaultdict(set)
+    for uri in storage.list_files(run_location):
+        name, _, rest = uri[len(prefix) :].partition("/")
+        if name.startswith("checkpoint_"):
+            files[name].add(rest)
+    return files
+
+
 def latest_stored_checkpoint(run_location: str) -> StoredCheckpoint | None:
     """The complete checkpoint with the most steps under a run's location, if any.
 
@@ -143,11 +155,7 @@ def latest_stored_checkpoint(run_location: str) -> StoredCheckpoint | None:
     complete checkpoints that it never registered (sometimes none at all).
     """
     prefix = run_location.rstrip("/") + "/"
-    files: dict[str, set[str]] = defaultdict(set)
-    for uri in storage.list_files(run_location):
-        name, _, rest = uri[len(prefix) :].partition("/")
-        if name.startswith("checkpoint_"):
-            files[name].add(rest)
+    files = checkpoint_files(run_location)
     complete = [prefix + name for name, found in files.items() if CHECKPOINT_FILES <= found]
     steps = [
         StoredCheckpoint(uri, json.loads(storage.read_bytes(f"{uri}/{PROGRESS_FILE}"))["step"])
@@ -162,11 +170,7 @@ def remove_incomplete_checkpoints(run_location: str) -> list[str]:
     takes instead. Ray Train names checkpoint folders by time, so older sorts first.
     Returns the folders deleted."""
     prefix = run_location.rstrip("/") + "/"
-    files: dict[str, set[str]] = defaultdict(set)
-    for uri in storage.list_files(run_location):
-        name, _, rest = uri[len(prefix) :].partition("/")
-        if name.startswith("checkpoint_"):
-            files[name].add(rest)
+    files = checkpoint_files(run_location)
     complete = [name for name, found in files.items() if CHECKPOINT_FILES <= found]
     if not complete:
         return []
