@@ -101,4 +101,5 @@ def quiet_console_logger(name: str) -> None:
     for handler in logging.getLogger(name).handlers:
         if handler.name == "console":
             handler.setLevel(logging.WARNING)
-            handler.addFilter(DropNotices())
+            if not any(isinstance(f, DropNotices) for f in handler.filters):  # called often
+                handler.addFilter(DropNotices())
