@@ -27,6 +27,10 @@ class DataConfig:
     # float32 images, so 1024 rows of 224 px hold about 600 MB.
     shuffle_buffer: int = 1024
     seed: int = 0
+    # Ray Data hands out blocks in read order (its ExecutionOptions.preserve_order): a run
+    # with the same seeds sees the same batches, so runs repeat and trials compare fairly,
+    # at some cost in throughput (a slow read task holds up the ones after it).
+    preserve_order: bool = False
     # Random resized crop: area fraction range [scale_min, 1], aspect ratio [3/4, 4/3].
     scale_min: float = 0.35
     hflip: float = 0.0  # probability of a horizontal flip

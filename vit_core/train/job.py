@@ -204,6 +204,7 @@ def run_training(
             # Ray Train's reports and checkpoint notices go to its log files, not the console.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
+        dataset_config=ingest_config(cfg),
         datasets={
             # Named as the workers ask for them, whatever the dataset calls its splits.
             "train": build_dataset(cfg.data, cfg.data.train_split, train=True, index=index),
@@ -220,6 +221,14 @@ def run_training(
     version = register(cfg, client, run_id, latest.uri, inputs, metrics)
     client.set_terminated(run_id)
     return TrainingOutcome(run_id, latest.uri, latest.step, metrics, version)
+
+
+def ingest_config(cfg: TrainConfig) -> ray.train.DataConfig:
+    """Ray Train's DataConfig for the job's datasets: Ray's default ingest options, with
+    blocks in read order when cfg.data.preserve_order (reproducible batches)."""
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = cfg.data.preserve_order
+    return ray.train.DataConfig(execution_options=options)
 
 
 def finished_run(cfg, client, run_id: str, latest, inputs: CheckedInputs) -> TrainingOutcome:
