@@ -6,9 +6,9 @@ run) on a local Ray, digits at 32 px, a small ViT trained from scratch with Adam
     python benchmarks/tune_bench.py --searches grid,asha --grid 6 --steps 90
 
 Four searches:
-  grid      the learning-rate grid (log-spaced, listed in a seeded random order), every
-            trial to the end
-  asha      the same grid with ASHA (grace period and reduction factor below)
+  grid      the learning-rate grid (log-spaced), every trial to the end
+  asha-K    the same grid with ASHA (grace period and reduction factor below), once for
+            each of --orders random orders of the grid (K: the order's seed)
   random    --trials draws of the learning rate and weight decay (log-uniform)
   tpe       the same space and number of trials with Optuna's TPE
 Prints total trial-steps, wall time and the best val/top1 of each, and the ratios
@@ -16,9 +16,9 @@ Prints total trial-steps, wall time and the best val/top1 of each, and the ratio
 
 Every trial reads its batches in the same order (data.preserve_order) from the same seeds,
 so a learning rate's curve is the same in every search: the grid and ASHA differ only in
-which trials ASHA stops. The grid is listed in a random order because ASHA's rungs are
+which trials ASHA stops. ASHA runs once per order of the grid because its rungs are
 asynchronous: the first trials to reach a rung have nothing to be compared with and pass,
-so a grid listed low to high would hand the lowest rates the free passes.
+so what it spends and finds depends on which rates come first.
 """
 
 from __future__ import annotations
@@ -74,6 +74,8 @@ def main() -> int:
     parser.add_argument("--grace", type=int, default=10, help="ASHA's grace period (steps)")
     parser.add_argument("--reduction", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--orders", type=int, default=3,
+                        help="ASHA searches, each with the grid listed in another random order")  # fmt: skip
     parser.add_argument("--searches", default="grid,asha,random,tpe",
                         help="which of the four to run (comma-separated)")  # fmt: skip
     args = parser.parse_args()
@@ -86,30 +88,45 @@ def main() -> int:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     data = str(work / "digits")
     make_digits_shards(data, image_size=32, progress=False)
-    grid = [float(f"{v:.3g}") for v in np.random.default_rng(0).permutation(
-        np.logspace(-5, -1, args.grid))]  # fmt: skip
-    lr_grid = f"tune.space={{optim.lr: {{grid: {grid}}}}}"
+    rates = np.logspace(-5, -1, args.grid)
+
+    def lr_grid(order: int) -> str:  # the grid listed in a seeded random order
+        values = [float(f"{v:.3g}") for v in np.random.default_rng(order).permutation(rates)]
+        return f"tune.space={{optim.lr: {{grid: {values}}}}}"
+
     wide = ("tune.space={optim.lr: {loguniform: [1.0e-5, 0.1]}, "
             "optim.weight_decay: {loguniform: [1.0e-4, 0.3]}}")  # fmt: skip
-    plans = {
-        "grid": [lr_grid, "tune.scheduler=fifo"],
-        "asha": [lr_grid, "tune.scheduler=asha"],
-        "random": [wide, "tune.search=random", f"tune.num_samples={args.trials}",
-                   "tune.scheduler=fifo"],
-        "tpe": [wide, "tune.search=tpe", f"tune.num_samples={args.trials}", "tune.scheduler=fifo"],
-    }  # fmt: skip
+    plans = {"grid": [lr_grid(0), "tune.scheduler=fifo"]}
+    for order in range(args.orders):
+        plans[f"asha-{order}"] = [lr_grid(order), "tune.scheduler=asha"]
+    plans["random"] = [wide, "tune.search=random", f"tune.num_samples={args.trials}",
+                       "tune.scheduler=fifo"]  # fmt: skip
+    plans["tpe"] = [wide, "tune.search=tpe", f"tune.num_samples={args.trials}",
+                    "tune.scheduler=fifo"]  # fmt: skip
     chosen = args.searches.split(",")
-    results = {name: search(name, work, data, args, plans[name]) for name in plans if name in chosen}
-    print(f"\nspace: grid {grid} ({args.steps} steps a trial); random/tpe: {args.trials} trials, "
-          "lr and weight decay log-uniform")  # fmt: skip
+    results = {
+        name: search(name, work, data, args, plan)
+        for name, plan in plans.items()
+        if name.split("-")[0] in chosen
+    }
+    print(f"\nspace: grid of {args.grid} rates {[float(f'{v:.3g}') for v in rates]} "
+          f"({args.steps} steps a trial); random/tpe: {args.trials} trials, lr and weight "
+          "decay log-uniform")  # fmt: skip
     print(f"{'search':8} {'trials':>6} {'trial-steps':>11} {'wall s':>7} {'best val/top1':>13}")
     for name, r in results.items():
         print(f"{name:8} {r['trials']:6.0f} {r['steps']:11.0f} {r['wall']:7.0f} {r['best']:13.4f}")
-    if "grid" in results and "asha" in results:
-        g, a = results["grid"], results["asha"]
-        print(f"grid/asha: {g['steps'] / a['steps']:.2f}x trial-steps, "
-              f"{g['wall'] / a['wall']:.2f}x wall time; best asha - grid: "
-              f"{100 * (a['best'] - g['best']):+.1f} points")  # fmt: skip
+    ashas = [r for name, r in results.items() if name.startswith("asha-")]
+    if "grid" in results and ashas:
+        g = results["grid"]
+        for name, a in results.items():
+            if name.startswith("asha-"):
+                print(f"grid/{name}: {g['steps'] / a['steps']:.2f}x trial-steps, "
+                      f"{g['wall'] / a['wall']:.2f}x wall time; best {name} - grid: "
+                      f"{100 * (a['best'] - g['best']):+.1f} points")  # fmt: skip
+        mean_steps = sum(a["steps"] for a in ashas) / len(ashas)
+        worst = min(a["best"] for a in ashas)
+        print(f"over {len(ashas)} orders: grid/asha {g['steps'] / mean_steps:.2f}x trial-steps "
+              f"on average; worst best asha - grid: {100 * (worst - g['best']):+.1f} points")  # fmt: skip
     if "random" in results and "tpe" in results:
         print(f"best tpe - random after {args.trials} trials: "
               f"{100 * (results['tpe']['best'] - results['random']['best']):+.1f} points")

@@ -34,6 +34,7 @@ from vit_core.data.index import write_index
 from vit_core.data.loader import FloatBufferPool, _fill_bad_rows
 from vit_core.data.reader import read_shard
 from vit_core.data.transforms import TransformSpec, decode_batch, decode_crop
+from vit_core.train.job import ingest_config
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -516,16 +517,21 @@ def test_two_train_workers_get_every_sample_once(ray_client, tmp_path, s3_prefix
         pathlib.Path(config["out"], f"rank{rank}.json").write_text(json_.dumps(seen))
         train.report({"rows": sum(len(r) for r in seen.values())})
 
-    trainer = TorchTrainer(
-        per_worker,
-        train_loop_config={"out": str(results)},
-        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
-        run_config=ray.train.RunConfig(name="data-roundtrip", storage_path=str(tmp_path / "runs")),
-        datasets=datasets,
-    )
-    trainer.fit()
+    def read_on_two_workers(run: str) -> list[dict]:
+        trainer = TorchTrainer(
+            per_worker,
+            train_loop_config={"out": str(results)},
+            scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False),
+            run_config=ray.train.RunConfig(name=run, storage_path=str(tmp_path / "runs")),
+            datasets=datasets,
+            dataset_config=ingest_config(DataConfig(preserve_order=True)),
+        )
+        trainer.fit()
+        return [json.loads((results / f"rank{r}.json").read_text()) for r in (0, 1)]
 
-    per_rank = [json.loads((results / f"rank{r}.json").read_text()) for r in (0, 1)]
+    per_rank = read_on_two_workers("data-roundtrip")
+    # data.preserve_order: a second run hands each worker the same rows in the same order.
+    assert read_on_two_workers("data-roundtrip-again") == per_rank
     for name, index, source in (
         ("photos", photos, open_source(str(folder))),
         ("digits", digits, open_source("digits")),

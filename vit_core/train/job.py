@@ -19,7 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from vit_core import cluster, storage
 from vit_core.config import ConfigError, dump_yaml
-from vit_core.data import DatasetIndex, build_dataset, open_dataset
+from vit_core.data import DataConfig, DatasetIndex, build_dataset, open_dataset
 from vit_core.model import CheckpointError
 from vit_core.track.registry import check_model_name, register_model
 from vit_core.track.runs import log_config, set_tracking, start_or_resume_run, tracking_uri
@@ -204,7 +204,7 @@ def run_training(
             # Ray Train's reports and checkpoint notices go to its log files, not the console.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
-        dataset_config=ingest_config(cfg),
+        dataset_config=ingest_config(cfg.data),
         datasets={
             # Named as the workers ask for them, whatever the dataset calls its splits.
             "train": build_dataset(cfg.data, cfg.data.train_split, train=True, index=index),
@@ -223,11 +223,12 @@ def run_training(
     return TrainingOutcome(run_id, latest.uri, latest.step, metrics, version)
 
 
-def ingest_config(cfg: TrainConfig) -> ray.train.DataConfig:
-    """Ray Train's DataConfig for the job's datasets: Ray's default ingest options, with
-    blocks in read order when cfg.data.preserve_order (reproducible batches)."""
+def ingest_config(data: DataConfig) -> ray.train.DataConfig:
+    """Ray Train's DataConfig for a job's datasets: Ray's default ingest options, with
+    blocks in read order when data.preserve_order (every worker gets the same batches in
+    the same order on every run)."""
     options = ray.train.DataConfig.default_ingest_options()
-    options.preserve_order = cfg.data.preserve_order
+    options.preserve_order = data.preserve_order
     return ray.train.DataConfig(execution_options=options)
 
 
