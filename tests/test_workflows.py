@@ -147,6 +147,8 @@ def test_full_pipeline_through_the_daemon_resumes_a_stopped_step_without_resubmi
     1. The fine-tune step's Ray job is stopped mid-way, so the run fails; `cli.py resume`
     re-executes it from the failed step (finished steps are not run again): the fine-tune is
     a new attempt (`-2`) under the same run name and resumes from its newest checkpoint.
+    The stopped job's MLflow run is continued by attempt -2, each step logged once (what a
+    stopped `finetune.py` job submitted again under its run name does).
     2. That resume runs the pipeline in its own process, which is killed while attempt -2
     is RUNNING; `cli.py resume --mark-failed` then awaits that same Ray job: no attempt -3.
     The pipeline then ends as a whole run does: fine-tuned from the exact backbone version
@@ -172,6 +174,7 @@ def test_full_pipeline_through_the_daemon_resumes_a_stopped_step_without_resubmi
              latest_stored_checkpoint(location).step >= 4, 300, "a checkpoint")  # fmt: skip
     JobSubmissionClient().stop_job(base)
     assert wait_run(dagster_services, run_id) == "FAILURE"
+    stopped_at = latest_stored_checkpoint(location).step
 
     cli = [sys.executable, "pipelines/workflows/cli.py"]
     # The orchestrator: this resume executes the run in its own process (and its step
@@ -196,7 +199,16 @@ def test_full_pipeline_through_the_daemon_resumes_a_stopped_step_without_resubmi
     assert ray_jobs(base) == {base: "STOPPED", f"{base}-2": "SUCCEEDED"}
     assert f"Ray job {base}-2 of this run is" in messages(new_run)  # attached, not submitted
     log = JobSubmissionClient().get_job_logs(f"{base}-2")
-    assert f"resuming run finetune-{run_id[:13]} from step" in log
+    announced = re.search(rf"resuming run finetune-{run_id[:13]} from step (\d+) ", log)
+    assert announced and int(announced.group(1)) >= stopped_at >= 4, log[-3000:]
+    client = MlflowClient(mlflow_server.uri)
+    # The stopped job's MLflow run was continued by attempt -2: each step logged once.
+    (run,) = client.search_runs([client.get_experiment_by_name(f"wf-ft-{tag}").experiment_id])
+    resumed = client.get_metric_history(run.info.run_id, "resumed_from_step")
+    assert [m.value for m in resumed] == [int(announced.group(1))]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(2, 25, 2))
+    assert run.info.status == "FINISHED"
     status = subprocess.run([*cli, "status", new_run], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)  # fmt: skip
     assert "SUCCESS" in status.stdout and "finetune: SUCCESS" in status.stdout
@@ -205,7 +217,6 @@ def test_full_pipeline_through_the_daemon_resumes_a_stopped_step_without_resubmi
     # The whole pipeline: the first run's finished steps, then the re-execution's.
     done = {**outputs(run_id), **outputs(new_run)}
     assert list(done) == ["make_shards", "pretrain", "finetune", "evaluate", "promote"]
-    client = MlflowClient(mlflow_server.uri)
     # The fine-tune started from the exact version the pretraining step registered.
     (version,) = client.search_model_versions(f"name='wf-digits-{tag}'")
     assert version.tags["base_model"] == f"wf-backbone-{tag}"
