@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import time
 import uuid
 
 # Drivers started here resolve "localhost" to 127.0.0.1, as the stack's Ray nodes do.
@@ -174,19 +176,50 @@ SMALL_JOB = [
 
 
 @pytest.fixture(scope="session")
-def pretrained_backbone(ray_cluster, mlflow_server, digits_s3) -> str:
-    """A backbone pretrained by pipelines/pretrain.py on the cluster (3 epochs at 32 px),
-    registered with the alias `backbone`; returns the registered model's name."""
-    from jobs import run_job, sets
+def backbone_job(ray_cluster, mlflow_server, digits_s3) -> dict:
+    """The session's pretraining job: pipelines/pretrain.py on the cluster (3 epochs at
+    32 px, two workers on different nodes, a checkpoint every 8 steps), registered with the
+    alias `backbone`. Once two checkpoints are stored one training worker is killed, so Ray
+    Train restarts the group from the newest: test_pretrain checks that recovery and the
+    sockets the trainers listened on, the fine-tuning and workflow tests start from the
+    model (one job for both, as each costs a minute). Returns what those checks look at."""
+    from jobs import SubmittedJob, sets, stored_checkpoints, train_workers
+    from listeners import group_pids, listeners
 
     tag = uuid.uuid4().hex[:6]
-    name = f"backbone-{tag}"
-    run_job(ray_cluster, "pretrain.py", sets(
-        *SMALL_JOB, f"run_name=pre-{tag}", f"storage=s3://vit/runs-{tag}",
-        f"data.location={digits_s3}", "train.epochs=3", f"tracking.experiment=pre-{tag}",
-        f"tracking.registered_model={name}", "tracking.alias=backbone",
+    run = {"run_name": f"pre-{tag}", "storage": f"s3://vit/runs-{tag}",
+           "experiment": f"pre-{tag}", "name": f"backbone-{tag}"}  # fmt: skip
+    job = SubmittedJob(ray_cluster, "pretrain.py", sets(
+        *SMALL_JOB, f"run_name={run['run_name']}", f"storage={run['storage']}",
+        f"data.location={digits_s3}", "train.epochs=3", "checkpoint.every_steps=8",
+        f"tracking.experiment={run['experiment']}", f"tracking.registered_model={run['name']}",
+        "tracking.alias=backbone",
     ))  # fmt: skip
-    return name
+    location = f"{run['storage']}/{run['run_name']}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and len(stored_checkpoints(location)) < 2:
+        assert job.status() in ("PENDING", "RUNNING"), job.logs()[-3000:]
+        time.sleep(1)
+    alive = [w for w in train_workers(ray_cluster, job.job_id) if w.state == "ALIVE"]
+    run["alive_pids"] = {w.pid for w in alive}
+    # Every listening socket of the cluster's processes and the trainers' (torch's store, gloo).
+    pids = run["alive_pids"].union(*(group_pids(pgid) for pgid in ray_cluster.pgids))
+    run["listening"] = listeners(pids)
+    run["killed"] = bool(alive)
+    if alive:
+        os.kill(alive[-1].pid, signal.SIGKILL)
+    status = job.wait()
+    run["logs"] = job.logs()
+    assert status == "SUCCEEDED", run["logs"][-4000:]
+    run["workers"] = train_workers(ray_cluster, job.job_id)
+    run["job_id"] = job.job_id
+    return run
+
+
+@pytest.fixture(scope="session")
+def pretrained_backbone(backbone_job) -> str:
+    """The registered name of the session's pretrained backbone (alias `backbone`)."""
+    return backbone_job["name"]
 
 
 @pytest.fixture(scope="session")

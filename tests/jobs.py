@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ class SubmittedJob:
             status = str(self.client.get_job_status(self.job_id))
             if status in FINAL:
                 return status
-            time.sleep(2)
+            time.sleep(0.5)
         raise AssertionError(f"job {self.job_id} still running after {timeout}s:\n"
                              f"{self.logs()[-3000:]}")  # fmt: skip
 
@@ -66,3 +67,23 @@ def run_job(ray_cluster, script: str, args: list[str], timeout: float = 600) -> 
     logs = job.logs()
     assert status == "SUCCEEDED", f"{script} {status}:\n{logs[-4000:]}"
     return logs
+
+
+def stored_checkpoints(location: str) -> list[dict]:
+    """The progress.json of every checkpoint stored under a run's folder."""
+    from vit_core import storage
+
+    return [json.loads(storage.read_bytes(uri)) for uri in storage.list_files(location)
+            if "/checkpoint_" in uri and uri.endswith("/progress.json")]  # fmt: skip
+
+
+def train_workers(ray_cluster, submission_id: str) -> list:
+    """The Ray Train workers (alive and dead) of a submitted job, from Ray's state API."""
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_actors
+
+    job_id = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(submission_id).job_id
+    workers = list_actors(address=ray_cluster.dashboard_url, detail=True,
+                          filters=[("class_name", "=", "RayTrainWorker")],
+                          raise_on_missing_output=False)  # fmt: skip
+    return [w for w in workers if job_id and w.job_id == job_id]

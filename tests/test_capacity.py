@@ -30,7 +30,7 @@ def test_unplaceable_workers_stop_within_the_limit_in_one_line(
     # A 3-CPU worker fits no 2-CPU node, though the cluster has 4 CPUs in all.
     job = SubmittedJob(ray_cluster, "pretrain.py", sets(
         *SMALL_JOB, "scaling.num_workers=1", "scaling.cpus_per_worker=3",
-        "scaling.placement_strategy=PACK", "scaling.wait_for_workers_s=15",
+        "scaling.placement_strategy=PACK", "scaling.wait_for_workers_s=5",
         f"run_name=cap-{tag}", f"storage=s3://vit/runs-cap-{tag}", f"data.location={digits_s3}",
         f"tracking.experiment=cap-{tag}", "tracking.register=false",
     ))  # fmt: skip
@@ -42,12 +42,12 @@ def test_unplaceable_workers_stop_within_the_limit_in_one_line(
     assert len(errors) == 1, logs[-3000:]
     print(f"stopped {took:.0f} s after submission: {errors[0]}")
     assert errors[0].startswith(
-        "error: could not place 1 worker x {CPU: 3} (PACK) within 15 s (scaling.wait_for_workers_s): "
+        "error: could not place 1 worker x {CPU: 3} (PACK) within 5 s (scaling.wait_for_workers_s): "
         "the cluster has 2 nodes with CPU 2, 2"
     ), errors[0]
     # (Ray Train's controller logs its own traceback of the timeout above this line.)
-    # Job start-up (runtime env, imports, data index) comes on top of the 15 s wait.
-    assert took < 15 + 180, took
+    # Job start-up (runtime env, imports, data index) comes on top of the 5 s wait.
+    assert took < 5 + 180, took
     client = MlflowClient(mlflow_server.uri)
     exp = client.get_experiment_by_name(f"cap-{tag}")
     (run,) = client.search_runs([exp.experiment_id])

@@ -105,21 +105,7 @@ def reference(digits, model_dir) -> dict:
             "labels": dict(zip(keys, labels.tolist(), strict=True))}  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    """A Ray in this process for the API tests (the CLI tests start their own), shut down
-    afterwards so later tests that join the session cluster do not find it."""
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-def test_evaluate_model_matches_a_plain_loop(digits, model_dir, reference, local_ray):
+def test_evaluate_model_matches_a_plain_loop(digits, model_dir, reference, ray_client):
     report = evaluate_model(str(model_dir), digits, "val")
     expected = reference["metrics"].compute()
     found = report.metrics.compute()
@@ -140,7 +126,7 @@ def test_evaluate_model_matches_a_plain_loop(digits, model_dir, reference, local
 
 
 def test_predict_folder_writes_a_row_per_file_with_errors_marked(
-    digits, model_dir, reference, local_ray, tmp_path
+    digits, model_dir, reference, ray_client, tmp_path
 ):
     keys, images, labels = read_split(digits, "val")
     folder = tmp_path / "images"
@@ -171,11 +157,12 @@ def test_predict_folder_writes_a_row_per_file_with_errors_marked(
     assert (summary.rows, summary.errors) == (2, 0)
 
 
-def cli(script: str, *args: str, cwd: Path, keep_services: bool) -> subprocess.CompletedProcess:
-    """A pipeline script as a user runs it: with the session's MLflow and S3 settings when
-    keep_services, never with a RAY_ADDRESS (it starts its own local Ray)."""
-    drop = ("RAY_ADDRESS",) if keep_services else SERVICE_VARIABLES
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+def cli(script: str, *args: str, cwd: Path, services: str) -> subprocess.CompletedProcess:
+    """A pipeline script as a user runs it: with the session's MLflow, S3 and Ray settings
+    (services "all": it joins the session's cluster, as after `source .stack/env`), with
+    MLflow and S3 only ("storage": it would start its own local Ray), or with none."""
+    drop = {"all": (), "storage": ("RAY_ADDRESS",), "none": SERVICE_VARIABLES}[services]
+    env = {k: v for k, v in os.environ.items() if not (drop and k.startswith(drop))}
     return subprocess.run(
         [sys.executable, str(ROOT / "pipelines" / script), *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=300,
@@ -199,15 +186,16 @@ def registered(mlflow_server, model_dir) -> str:
 
 
 def test_evaluate_cli_logs_a_run_and_tags_the_version(
-    registered, mlflow_server, digits, reference, tmp_path
+    registered, mlflow_server, ray_cluster, digits, reference, tmp_path
 ):
     from mlflow.tracking import MlflowClient
 
     data = f"s3://vit/datasets/eval-{uuid.uuid4().hex[:8]}/v1"
     storage.upload_dir(digits, data)
     proc = cli("evaluate.py", "--model", f"models:/{registered}@candidate", "--data", data,
-               "--split", "val", cwd=tmp_path, keep_services=True)  # fmt: skip
+               "--split", "val", cwd=tmp_path, services="all")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "local Ray" not in proc.stdout  # it ran on the session's cluster
     expected = reference["metrics"].compute()
     assert f"top1 {expected['top1']:.4f}" in proc.stdout, proc.stdout
 
@@ -239,11 +227,14 @@ def test_evaluate_cli_logs_a_run_and_tags_the_version(
     assert mv.tags[f"eval.{version}.val.run_id"] == run.info.run_id
 
 
-def test_predict_cli_on_a_shard_split_to_s3(digits, model_dir, reference, s3_prefix, tmp_path):
+def test_predict_cli_on_a_shard_split_to_s3(
+    digits, model_dir, reference, ray_cluster, s3_prefix, tmp_path
+):
     out = f"{s3_prefix}/predictions"
     proc = cli("predict.py", "--model", str(model_dir), "--data", digits, "--split", "val",
-               "--out", out, cwd=tmp_path, keep_services=True)  # fmt: skip
+               "--out", out, cwd=tmp_path, services="all")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "local Ray" not in proc.stdout  # it ran on the session's cluster
     assert "359 predictions (0 errors)" in proc.stdout
     fs, path = storage.pyarrow_filesystem(out)
     rows = pq.read_table(path, filesystem=fs).to_pandas()
@@ -251,7 +242,7 @@ def test_predict_cli_on_a_shard_split_to_s3(digits, model_dir, reference, s3_pre
     assert dict(zip(rows["key"], rows["class_index"], strict=True)) == reference["predicted"]
     assert dict(zip(rows["key"], rows["label"], strict=True)) == reference["labels"]
     again = cli("predict.py", "--model", str(model_dir), "--data", digits, "--split", "val",
-                "--out", out, cwd=tmp_path, keep_services=True)  # fmt: skip
+                "--out", out, cwd=tmp_path, services="all")  # fmt: skip
     assert again.returncode == 2 and "already holds files" in again.stderr
 
 
@@ -278,7 +269,7 @@ def test_bad_input_is_one_line_and_exit_2(
     for flag, value in zip(args[::2], args[1::2], strict=True):
         given[flag] = value.format(tmp=tmp_path, other=other)
     argv = [part for item in given.items() for part in item]
-    proc = cli(script, *argv, cwd=tmp_path, keep_services=services)
+    proc = cli(script, *argv, cwd=tmp_path, services="storage" if services else "none")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert names in proc.stderr

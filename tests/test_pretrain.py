@@ -4,22 +4,17 @@ worker failure and job resubmission."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
-import uuid
 from pathlib import Path
 
 import pytest
-from jobs import submit
-from listeners import group_pids, listeners, loopback
+from listeners import loopback
 from mlflow.tracking import MlflowClient
 
-from vit_core import create_model, storage
+from vit_core import create_model
 from vit_core.track.runs import RUN_NAME_TAG
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,162 +114,52 @@ def test_fsdp_on_cpu_workers_trains_and_resumes_sharded_state(tmp_path):
     assert len(client.search_model_versions("name='vit-digits-pretrain'")) == 2
 
 
-@pytest.fixture(scope="module")
-def digits_on_s3(s3) -> str:
-    from vit_core.data import make_digits_shards
-
-    location = f"s3://vit/datasets/digits-{uuid.uuid4().hex[:8]}/v1"
-    make_digits_shards(location, image_size=32, progress=False)
-    return location
-
-
-class Job:
-    """One pretraining job submitted to the cluster through Ray's Jobs API."""
-
-    def __init__(self, ray_cluster, digits: str, run_name: str, extra: list[str]) -> None:
-        from ray.job_submission import JobSubmissionClient
-
-        self.client = JobSubmissionClient(ray_cluster.dashboard_url)
-        self.run_name = run_name
-        self.storage = f"s3://vit/runs-{run_name}"
-        self.overrides = [
-            *SMALL_RUN, f"run_name={run_name}", f"storage={self.storage}",
-            f"data.location={digits}", f"tracking.experiment=exp-{run_name}",
-            f"tracking.registered_model=model-{run_name}", *extra,
-        ]  # fmt: skip
-
-    def submit(self) -> str:
-        args = " ".join(f"--set {o}" for o in self.overrides)
-        self.job_id = submit(self.client, f"python pipelines/pretrain.py {args}")
-        return self.job_id
-
-    def wait(self, timeout: float = 600) -> str:
-        from ray.job_submission import JobStatus
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status = self.client.get_job_status(self.job_id)
-            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-                return status
-            time.sleep(2)
-        raise AssertionError(
-            f"job {self.job_id} still running after {timeout}s:\n{self.logs()[-3000:]}"
-        )
-
-    def logs(self) -> str:
-        return self.client.get_job_logs(self.job_id)
-
-    def checkpoints(self) -> list[dict]:
-        found = storage.list_files(storage.join(self.storage, self.run_name))
-        return [
-            json.loads(storage.read_bytes(uri))
-            for uri in found
-            if "/checkpoint_" in uri and uri.endswith("/progress.json")
-        ]
-
-    def wait_for_checkpoints(self, count: int = 2, timeout: float = 300) -> None:
-        """Wait until `count` checkpoints are on storage, so there is one to resume from."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and len(self.checkpoints()) < count:
-            time.sleep(1)
-        found = len(self.checkpoints())
-        assert found >= count, f"{found} checkpoints within {timeout}s:\n{self.logs()[-3000:]}"
-
-    def mlflow_runs(self, uri: str):
-        client = MlflowClient(uri)
-        exp = client.get_experiment_by_name(f"exp-{self.run_name}")
-        return client, client.search_runs([exp.experiment_id])
-
-
-def train_workers(ray_cluster, job_id: str | None = None) -> list:
-    from ray.util.state import list_actors
-
-    workers = list_actors(
-        address=ray_cluster.dashboard_url,
-        filters=[("class_name", "=", "RayTrainWorker")],
-        detail=True,
-        raise_on_missing_output=False,
-    )
-    if job_id is None:
-        return workers
-    return [
-        w for w in workers if w.job_id and w.job_id in job_submission_job_ids(ray_cluster, job_id)
-    ]
-
-
-def job_submission_job_ids(ray_cluster, submission_id: str) -> set[str]:
-    from ray.job_submission import JobSubmissionClient
-
-    details = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(submission_id)
-    return {details.job_id} if details.job_id else set()
-
-
-def ray_nodes(ray_cluster) -> list[dict]:
+@pytest.mark.slow
+def test_job_on_two_nodes_resumes_after_a_killed_worker_and_registers(
+    backbone_job, ray_cluster, mlflow_server, digits_s3
+):
+    """The session's pretraining job (conftest.backbone_job): two workers on two nodes, one
+    killed once two checkpoints were stored; the job goes on from a checkpoint, ends and
+    registers its model."""
+    from jobs import stored_checkpoints
     from ray.util.state import list_nodes
 
-    return [
-        {"NodeID": n.node_id}
-        for n in list_nodes(address=ray_cluster.dashboard_url)
-        if n.state == "ALIVE"
-    ]
+    job = backbone_job
+    assert job["killed"], "training workers should have been running"
+    # While they ran, every listening socket of the cluster's processes, the training
+    # workers' process group (torch's store, gloo) among them, was on 127.0.0.1.
+    assert job["alive_pids"] & {pid for pid, _ in job["listening"]}, "rank 0 serves the store"
+    not_loopback = {(pid, a) for pid, a in job["listening"] if not loopback(a)}
+    assert not not_loopback, f"listening beyond 127.0.0.1 (pid, address): {not_loopback}"
 
-
-def assert_one_complete_run(job: Job, mlflow_server, total_steps: int) -> None:
-    client, runs = job.mlflow_runs(mlflow_server.uri)
-    assert len(runs) == 1, "a resumed or restarted run continues its MLflow run"
+    client = MlflowClient(mlflow_server.uri)
+    runs = client.search_runs([client.get_experiment_by_name(job["experiment"]).experiment_id])
+    assert len(runs) == 1, "a restarted run continues its MLflow run"
     run = runs[0]
-    history = client.get_metric_history(run.info.run_id, "train/loss")
-    steps = sorted({m.step for m in history})
-    assert steps == list(range(2, total_steps + 1, 2)), steps  # continuous, to the end
-    assert max(c["step"] for c in job.checkpoints()) == total_steps
-    version = client.search_model_versions(f"name='model-{job.run_name}'")[0]
-    assert version.tags["checkpoint_uri"].startswith(f"{job.storage}/{job.run_name}/checkpoint_")
-
-
-@pytest.mark.slow
-def test_job_on_two_nodes_resumes_after_a_killed_worker_and_registers(ray_cluster, mlflow_server, digits_on_s3):
-    job = Job(
-        ray_cluster, digits_on_s3, f"kill-{uuid.uuid4().hex[:6]}",
-        ["train.epochs=3", "checkpoint.every_steps=8"],
-    )  # fmt: skip
-    job.submit()
-    job.wait_for_checkpoints()
-    alive = [w for w in train_workers(ray_cluster, job.job_id) if w.state == "ALIVE"]
-    assert alive, "training workers should be running"
-    assert_cluster_listens_on_loopback_only(ray_cluster, {w.pid for w in alive})
-    victim = alive[-1]
-    print(f"killing train worker pid {victim.pid} on node {victim.node_id}")
-    os.kill(victim.pid, signal.SIGKILL)
-    assert job.wait() == "SUCCEEDED", job.logs()[-4000:]
-    assert_one_complete_run(job, mlflow_server, total_steps=66)
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train/loss")})
+    assert steps == list(range(2, 67, 2)), steps  # continuous, to the end of 3 epochs
+    location = f"{job['storage']}/{job['run_name']}"
+    assert max(c["step"] for c in stored_checkpoints(location)) == 66
+    version = client.search_model_versions(f"name='{job['name']}'")[0]
+    assert version.tags["checkpoint_uri"].startswith(f"{location}/checkpoint_")
     # Ray Train started a second worker group, which ran the schedule to its end.
-    assert len(train_workers(ray_cluster, job_id=job.job_id)) > 2
-    client, runs = job.mlflow_runs(mlflow_server.uri)
-    resumed = client.get_metric_history(runs[0].info.run_id, "resumed_from_step")
+    assert len(job["workers"]) > 2
+    resumed = client.get_metric_history(run.info.run_id, "resumed_from_step")
     # The restarted worker group went on from a checkpoint, not from step 0.
     assert len(resumed) == 1 and resumed[0].value >= 8, resumed
-    assert "resumed from " in job.logs()
+    assert "resumed from " in job["logs"]
     # STRICT_SPREAD: both worker groups ran on the two nodes, so nothing could share a disk.
-    cluster_nodes = {n["NodeID"] for n in ray_nodes(ray_cluster)}
-    worker_nodes = runs[0].data.tags["cluster.worker_nodes"].split(",")
+    cluster_nodes = {n.node_id for n in list_nodes(address=ray_cluster.dashboard_url)
+                     if n.state == "ALIVE"}  # fmt: skip
+    worker_nodes = run.data.tags["cluster.worker_nodes"].split(",")
     assert len(worker_nodes) == 2 and set(worker_nodes) == cluster_nodes
-    assert runs[0].data.tags["train.model_wrapper"] == "DistributedDataParallel"
-    assert runs[0].data.params["data.location"] == digits_on_s3
-    assert runs[0].data.metrics["val/top1"] > 0.2  # above chance after three short epochs
+    assert run.data.tags["train.model_wrapper"] == "DistributedDataParallel"
+    assert run.data.params["data.location"] == digits_s3
+    assert run.data.metrics["val/top1"] > 0.2  # above chance after three short epochs
     # Secrets never reach MLflow params or the logged config.
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
-    assert not any(secret in str(v) for v in runs[0].data.params.values())
-    assert secret not in job.logs()
-
-
-def assert_cluster_listens_on_loopback_only(ray_cluster, trainer_pids: set[int]) -> None:
-    """Every listening socket of the cluster's processes, the training workers' process
-    group (torch's store, gloo) among them, is on 127.0.0.1."""
-    pids = trainer_pids.union(*(group_pids(pgid) for pgid in ray_cluster.pgids))
-    found = listeners(pids)
-    assert trainer_pids & {pid for pid, _ in found}, "rank 0 serves the process group's store"
-    not_loopback = {(pid, a) for pid, a in found if not loopback(a)}
-    assert not not_loopback, f"listening beyond 127.0.0.1 (pid, address): {not_loopback}"
+    assert not any(secret in str(v) for v in run.data.params.values())
+    assert secret not in job["logs"]
 
 
 def test_missing_dataset_is_one_clear_error_before_training(tmp_path):

@@ -42,7 +42,7 @@ def wait_run(services, run_id: str, timeout: float = 600) -> str:
         status = client.get_run_status(run_id).value
         if status in FINAL:
             return status
-        time.sleep(2)
+        time.sleep(0.5)
     raise AssertionError(f"run {run_id} not finished within {timeout}s")
 
 
@@ -97,7 +97,7 @@ def small_run_config(tag: str, out: str) -> dict:
             *train, "train.steps=4", f"tracking.experiment=wf-pre-{tag}",
             f"tracking.registered_model=wf-backbone-{tag}", "tracking.alias=backbone"]}},
         "finetune": {"config": {"overrides": [
-            *train, "train.steps=8", "optim.ema_decay=0", "optim.warmup_steps=2",
+            *train, "train.steps=24", "optim.ema_decay=0", "optim.warmup_steps=2",
             f"tracking.experiment=wf-ft-{tag}", f"tracking.registered_model=wf-digits-{tag}"]}},
     }}  # fmt: skip
 
@@ -109,41 +109,6 @@ def secrets_in(root, secrets: list[str]) -> list[str]:
         data = path.read_bytes()
         found += [f"{path}: {secret[:4]}..." for secret in secrets if secret.encode() in data]
     return found
-
-
-@pytest.mark.slow
-def test_full_pipeline_end_to_end_through_the_daemon(dagster_services, mlflow_server, s3,
-                                                      ray_cluster):  # fmt: skip
-    tag = uuid.uuid4().hex[:6]
-    out = f"s3://vit/datasets/wf-{tag}/v1"
-    run_id = graphql(dagster_services).submit_job_execution(
-        "full_pipeline", run_config=small_run_config(tag, out))
-    status = wait_run(dagster_services, run_id)
-    assert status == "SUCCESS", failures(run_id)
-    done = outputs(run_id)
-    assert list(done) == ["make_shards", "pretrain", "finetune", "evaluate", "promote"]
-    client = MlflowClient(mlflow_server.uri)
-    # The fine-tune started from the exact version the pretraining step registered.
-    (version,) = client.search_model_versions(f"name='wf-digits-{tag}'")
-    assert version.tags["base_model"] == f"wf-backbone-{tag}"
-    assert version.tags["base_model_version"] == "1"
-    assert done["finetune"]["model_uri"] == f"models:/wf-digits-{tag}/1"
-    # The training runs are named after the Dagster run, so a re-execution resumes them.
-    assert done["finetune"]["run_name"] == f"finetune-{run_id[:13]}"
-    assert done["evaluate"]["eval_count"] == 359
-    # The first model for a name is promoted.
-    assert done["promote"]["promoted"] is True
-    assert client.get_model_version_by_alias(f"wf-digits-{tag}", "champion").version == "1"
-    # No secret in what Dagster recorded (run config, event log, compute logs: all the UI
-    # shows is in the instance directory) nor in the steps' Ray jobs' runtime environments.
-    secrets = [s3.access_key, s3.secret_key, ray_cluster.auth_token]
-    assert secrets_in(dagster_services.home, secrets) == []
-    from ray.job_submission import JobSubmissionClient
-
-    jobs = [j for j in JobSubmissionClient().list_jobs()
-            if (j.submission_id or "").startswith(f"dagster-{run_id}-")]  # fmt: skip
-    assert len(jobs) == 5
-    assert not [j.submission_id for j in jobs if any(s in repr(j) for s in secrets)]
 
 
 def ray_jobs(prefix: str) -> dict[str, str]:
@@ -174,14 +139,20 @@ def runs_of(**tags) -> list:
 
 
 @pytest.mark.slow
-def test_stopped_job_and_killed_orchestrator_resume_without_resubmitting(
-    dagster_services, mlflow_server, digits_s3, pretrained_backbone
+def test_full_pipeline_through_the_daemon_resumes_a_stopped_step_without_resubmitting(
+    dagster_services, mlflow_server, s3, ray_cluster
 ):
-    """1. The fine-tune step's Ray job is stopped mid-way, so the run fails; `cli.py resume`
+    """full_pipeline submitted to the daemon, every step a Ray job; one run for two claims
+    (each Ray job costs most of a minute here):
+    1. The fine-tune step's Ray job is stopped mid-way, so the run fails; `cli.py resume`
     re-executes it from the failed step (finished steps are not run again): the fine-tune is
     a new attempt (`-2`) under the same run name and resumes from its newest checkpoint.
+    The stopped job's MLflow run is continued by attempt -2, each step logged once (what a
+    stopped `finetune.py` job submitted again under its run name does).
     2. That resume runs the pipeline in its own process, which is killed while attempt -2
-    is RUNNING; `cli.py resume --mark-failed` then awaits that same Ray job: no attempt -3."""
+    is RUNNING; `cli.py resume --mark-failed` then awaits that same Ray job: no attempt -3.
+    The pipeline then ends as a whole run does: fine-tuned from the exact backbone version
+    the pretraining step registered, evaluated, promoted, and no secret recorded."""
     import os
     import signal
     import subprocess
@@ -193,23 +164,17 @@ def test_stopped_job_and_killed_orchestrator_resume_without_resubmitting(
     from vit_core.train.checkpoint import latest_stored_checkpoint
 
     tag = uuid.uuid4().hex[:6]
-    store = f"s3://vit/runs-wfr-{tag}"
-    run_config = {"ops": {
-        "dataset_version": {"config": {"location": digits_s3}},
-        "finetune_from_champion": {"config": {
-            "base": f"models:/{pretrained_backbone}@backbone", "overrides": [
-                *SMALL_JOB, f"storage={store}", "train.steps=24", "checkpoint.every_steps=4",
-                "optim.ema_decay=0", f"tracking.experiment=wfr-{tag}",
-                f"tracking.registered_model=wfr-{tag}"]}},
-    }}  # fmt: skip
-    run_id = graphql(dagster_services).submit_job_execution("finetune_pipeline", run_config=run_config)
-    base = f"dagster-{run_id}-finetune_from_champion"
-    wait_for(lambda: ray_jobs(base).get(base) == "RUNNING", 300, "the fine-tune job")
-    location = f"{store}/finetune_from_champion-{run_id[:13]}"
+    out = f"s3://vit/datasets/wf-{tag}/v1"
+    run_id = graphql(dagster_services).submit_job_execution(
+        "full_pipeline", run_config=small_run_config(tag, out))
+    base = f"dagster-{run_id}-finetune"
+    wait_for(lambda: ray_jobs(base).get(base) == "RUNNING", 600, "the fine-tune job")
+    location = f"s3://vit/runs-wf-{tag}/finetune-{run_id[:13]}"
     wait_for(lambda: (latest_stored_checkpoint(location) or None) and
              latest_stored_checkpoint(location).step >= 4, 300, "a checkpoint")  # fmt: skip
     JobSubmissionClient().stop_job(base)
     assert wait_run(dagster_services, run_id) == "FAILURE"
+    stopped_at = latest_stored_checkpoint(location).step
 
     cli = [sys.executable, "pipelines/workflows/cli.py"]
     # The orchestrator: this resume executes the run in its own process (and its step
@@ -229,16 +194,48 @@ def test_stopped_job_and_killed_orchestrator_resume_without_resubmitting(
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     (new_run,) = re.findall(r"^run (\S+) \(re-execution of", resumed.stdout, re.MULTILINE)
     started = [step for step, kind in step_events(new_run) if kind == "STEP_START"]
-    assert started == ["finetune_from_champion", "evaluate", "promote"]  # not dataset_version
+    assert started == ["finetune", "evaluate", "promote"]  # not make_shards nor pretrain
     # Submitted twice in all: the stopped job and attempt -2, awaited after the kill.
     assert ray_jobs(base) == {base: "STOPPED", f"{base}-2": "SUCCEEDED"}
     assert f"Ray job {base}-2 of this run is" in messages(new_run)  # attached, not submitted
     log = JobSubmissionClient().get_job_logs(f"{base}-2")
-    assert f"resuming run finetune_from_champion-{run_id[:13]} from step" in log
+    announced = re.search(rf"resuming run finetune-{run_id[:13]} from step (\d+) ", log)
+    assert announced and int(announced.group(1)) >= stopped_at >= 4, log[-3000:]
+    client = MlflowClient(mlflow_server.uri)
+    # The stopped job's MLflow run was continued by attempt -2: each step logged once.
+    (run,) = client.search_runs([client.get_experiment_by_name(f"wf-ft-{tag}").experiment_id])
+    resumed = client.get_metric_history(run.info.run_id, "resumed_from_step")
+    assert [m.value for m in resumed] == [int(announced.group(1))]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
+    assert sorted(steps) == list(range(2, 25, 2))
+    assert run.info.status == "FINISHED"
     status = subprocess.run([*cli, "status", new_run], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)  # fmt: skip
-    assert "SUCCESS" in status.stdout and "finetune_from_champion: SUCCESS" in status.stdout
+    assert "SUCCESS" in status.stdout and "finetune: SUCCESS" in status.stdout
     assert f"re-execution of {killed.run_id}" in status.stdout
+
+    # The whole pipeline: the first run's finished steps, then the re-execution's.
+    done = {**outputs(run_id), **outputs(new_run)}
+    assert list(done) == ["make_shards", "pretrain", "finetune", "evaluate", "promote"]
+    # The fine-tune started from the exact version the pretraining step registered.
+    (version,) = client.search_model_versions(f"name='wf-digits-{tag}'")
+    assert version.tags["base_model"] == f"wf-backbone-{tag}"
+    assert version.tags["base_model_version"] == "1"
+    assert done["finetune"]["model_uri"] == f"models:/wf-digits-{tag}/1"
+    # The training runs are named after the first Dagster run, so a re-execution resumes them.
+    assert done["finetune"]["run_name"] == f"finetune-{run_id[:13]}"
+    assert done["evaluate"]["eval_count"] == 359
+    # The first model for a name is promoted.
+    assert done["promote"]["promoted"] is True
+    assert client.get_model_version_by_alias(f"wf-digits-{tag}", "champion").version == "1"
+    # No secret in what Dagster recorded (run config, event log, compute logs: all the UI
+    # shows is in the instance directory) nor in the steps' Ray jobs' runtime environments.
+    secrets = [s3.access_key, s3.secret_key, ray_cluster.auth_token]
+    assert secrets_in(dagster_services.home, secrets) == []
+    jobs = [j for j in JobSubmissionClient().list_jobs()
+            if (j.submission_id or "").startswith(f"dagster-{run_id}-")]  # fmt: skip
+    assert len(jobs) == 6  # make_shards, pretrain, finetune twice, evaluate, promote
+    assert not [j.submission_id for j in jobs if any(s in repr(j) for s in secrets)]
 
 
 @pytest.mark.slow
