@@ -15,7 +15,6 @@ import statistics
 import threading
 import time
 import uuid
-from collections import defaultdict
 from concurrent.futures import Future
 
 import pytest
@@ -25,7 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from vit_core import storage
 from vit_core.data import DataConfig, build_dataset, open_dataset
-from vit_core.train.checkpoint import CHECKPOINT_FILES, latest_stored_checkpoint
+from vit_core.train.checkpoint import CHECKPOINT_FILES, checkpoint_files, latest_stored_checkpoint
 
 STEPS = 240
 MLFLOW_DOWN_S = 60
@@ -46,6 +45,7 @@ def test_training_rides_out_tracking_and_storage_outages(
     back 60 s after it went down (its start adds some seconds). Overlapping them keeps the
     job short; step times are compared over the part of the tracking outage that storage
     was up."""
+    submitted = time.time()
     tag = uuid.uuid4().hex[:6]
     run_name, root = f"outage-{tag}", f"s3://vit/runs-outage-{tag}"
     location = storage.join(root, run_name)
@@ -87,15 +87,18 @@ def test_training_rides_out_tracking_and_storage_outages(
         finally:
             mlflow_server.start()
         mlflow_up = time.time()
-        print(f"MLflow down {mlflow_up - mlflow_down:.0f} s, SeaweedFS down "
-              f"{s3_up - s3_down:.0f} s")  # fmt: skip
         valid, rows = reader.result(timeout=300)
         status = job.wait(timeout=300)
+        done = time.time()
     finally:
         if job.status() not in FINAL:
             job.stop()
     logs = job.logs()
     assert status == "SUCCEEDED", logs[-4000:]
+    print(f"seconds after submission: MLflow down {mlflow_down - submitted:.0f}, SeaweedFS down "
+          f"{s3_down - submitted:.0f} to {s3_up - submitted:.0f}, MLflow up "
+          f"{mlflow_up - submitted:.0f}, job done {done - submitted:.0f}; the job says: "
+          f"{[line for line in logs.splitlines() if 'MLflow reachable' in line]}")  # fmt: skip
     # The read waited for the store: every sample came through, none counted bad.
     assert (valid, rows) == (index.num_samples("val"),) * 2
 
@@ -112,6 +115,9 @@ def test_training_rides_out_tracking_and_storage_outages(
     assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
     # Steps kept their pace while MLflow was away (timestamps are taken at the step).
     stamps = {m.step: m.timestamp / 1000 for m in history}
+    print(
+        f"steps 1 and {STEPS} at {stamps[1] - submitted:.0f} and {stamps[STEPS] - submitted:.0f} s"
+    )
     durations = {s: stamps[s] - stamps[s - 1] for s in stamps if s - 1 in stamps}
     before = [d for s, d in durations.items() if stamps[s] < mlflow_down][-40:]
     during = [d for s, d in durations.items() if mlflow_down <= stamps[s] < s3_down]
@@ -134,11 +140,7 @@ def test_training_rides_out_tracking_and_storage_outages(
     bad = client.get_metric_history(run_id, "bad_samples")
     assert bad and all(m.value == 0 for m in bad), bad
     # Every checkpoint left on storage is complete.
-    files = defaultdict(set)
-    for uri in storage.list_files(location):
-        name, _, rest = uri[len(location) + 1 :].partition("/")
-        if name.startswith("checkpoint_"):
-            files[name].add(rest)
+    files = checkpoint_files(location)
     assert files and all(CHECKPOINT_FILES <= found for found in files.values()), files
     assert latest_stored_checkpoint(location).step == STEPS
 

@@ -136,12 +136,13 @@ class StoredCheckpoint:
 
 def checkpoint_files(run_location: str) -> dict[str, set[str]]:
     """Each checkpoint folder under a run's location (`checkpoint_<time>`) -> the paths of
-    the files in it, relative to the folder."""
+    the files in it, relative to the folder. Files beside the folders are left out (Ray
+    Train's `checkpoint_manager_snapshot.json` shares their prefix)."""
     prefix = run_location.rstrip("/") + "/"
     files: dict[str, set[str]] = defaultdict(set)
     for uri in storage.list_files(run_location):
         name, _, rest = uri[len(prefix) :].partition("/")
-        if name.startswith("checkpoint_"):
+        if name.startswith("checkpoint_") and rest:
             files[name].add(rest)
     return files
 
@@ -175,7 +176,9 @@ def remove_incomplete_checkpoints(run_location: str) -> list[str]:
     if not complete:
         return []
     newest = max(complete)
-    stale = [prefix + n for n, found in files.items() if n < newest and not CHECKPOINT_FILES <= found]
+    stale = [
+        prefix + n for n, found in files.items() if n < newest and not CHECKPOINT_FILES <= found
+    ]
     for uri in stale:
         storage.delete(uri)
     return stale
