@@ -26,7 +26,7 @@ from vit_core import storage
 from vit_core.data import DataConfig, build_dataset, open_dataset
 from vit_core.train.checkpoint import CHECKPOINT_FILES, checkpoint_files, latest_stored_checkpoint
 
-STEPS = 240
+STEPS = 150
 MLFLOW_DOWN_S = 60
 S3_DOWN_S = 30
 CHECKPOINT_EVERY = 5
@@ -65,8 +65,8 @@ def test_training_rides_out_tracking_and_storage_outages(
         try:
             # Storage goes down just after a checkpoint early in an epoch: the epoch's data
             # is read already, so the job's next call to storage is the next checkpoint's
-            # upload, a few steps on.
-            wait_for_checkpoint(
+            # upload, a few steps on (Ray Train's controller records the last one).
+            stored = wait_for_checkpoint(
                 job, location,
                 lambda s: s >= first + PACE_STEPS and s % EPOCH_STEPS in range(5, 26), 120,
                 f"a checkpoint {PACE_STEPS}+ steps after step {first}, early in an epoch",
@@ -126,15 +126,17 @@ def test_training_rides_out_tracking_and_storage_outages(
           f"({len(before)} steps), during it {statistics.median(during):.3f} s "
           f"({len(during)} steps): ratio {pace:.2f}")  # fmt: skip
     assert len(before) >= 10 and len(during) >= 10 and pace < 2.0, (before, during)
-    # A checkpoint upload waited for the store: the job was held in a checkpoint's save
-    # (mid-epoch: no data read there) from at least half the outage before the store was
-    # started again until after, with no step in between.
+    # A checkpoint upload waited for the store: the job was held in the save of a
+    # checkpoint that was not on storage when the store went down (mid-epoch: no data read
+    # there), from at least half the outage before the store was started again until
+    # after, with no step in between.
     pause = [s for s in durations if stamps[s - 1] <= s3_restart < stamps[s]]
     assert len(pause) == 1, f"no step before and after the store's restart: {pause}"
     held = pause[0]
-    print(f"held after step {held - 1} for {durations[held]:.0f} s (store restarted "
+    print(f"held after step {held - 1} (step {stored} stored before the outage) for {durations[held]:.0f} s (store restarted "
           f"{s3_restart - stamps[held - 1]:.0f} s into the pause)")  # fmt: skip
     assert (held - 1) % CHECKPOINT_EVERY == 0 and (held - 1) % EPOCH_STEPS, held - 1
+    assert held - 1 > stored, f"held after step {held - 1}, stored before the outage: {stored}"
     assert s3_restart - stamps[held - 1] >= S3_DOWN_S / 2, (stamps[held - 1], s3_down, s3_restart)
     # No sample was counted bad.
     bad = client.get_metric_history(run_id, "bad_samples")

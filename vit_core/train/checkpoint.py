@@ -203,6 +203,7 @@ class Checkpointer:
         self.best_model_uri = storage.join(run_location, "best_model")
         self.rank = rank
         self.restored_metrics: list = []  # the resumed checkpoint's metric segment
+        self.swept = False  # whether this worker group removed the cut-short checkpoints
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
 
     def restore(self) -> tuple[Progress, str | None]:
@@ -243,5 +244,9 @@ class Checkpointer:
                 if best:
                     storage.upload_dir(Path(tmp) / MODEL_DIR, self.best_model_uri)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if self.rank == 0:  # the checkpoint just reported is on storage
+        if self.rank == 0 and not self.swept:
+            # Cut-short uploads come from an earlier worker group or job (a killed worker,
+            # a stopped job): all are older than this group's first checkpoint, just put on
+            # storage, so one sweep then finds them and later saves make no storage call.
             remove_incomplete_checkpoints(self.run_location)
+            self.swept = True
