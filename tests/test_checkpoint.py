@@ -15,6 +15,7 @@ from vit_core.train.checkpoint import (
     STATE_FILE,
     Progress,
     StoredCheckpoint,
+    checkpoint_files,
     gather_state,
     latest_stored_checkpoint,
     load_training_state,
@@ -62,6 +63,9 @@ def write_run(run: Path) -> None:
 def test_latest_complete_checkpoint_is_found_and_loads(tmp_path):
     run = tmp_path / "run"
     write_run(run)
+    assert sorted(checkpoint_files(str(run))) == [
+        f"checkpoint_2026-01-01_00-00-0{i}.000001" for i in (1, 2, 3)
+    ]
     found = latest_stored_checkpoint(str(run))
     assert found is not None
     assert (found.step, Path(found.uri).name) == (16, "checkpoint_2026-01-01_00-00-02.000001")

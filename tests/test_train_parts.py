@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from vit_core.config import ConfigError, load_config
 from vit_core.eval.metrics import ClassificationMetrics
 from vit_core.model import create_model
-from vit_core.track.runs import MetricWriter
+from vit_core.track.runs import MetricWriter, reachable
 from vit_core.train.config import ModelSection, TrainConfig
 from vit_core.train.model_setup import build_model
 from vit_core.train.optim import build_optimizer, build_scheduler
@@ -141,3 +141,13 @@ def test_metric_writer_replays_only_what_mlflow_lacks(mlflow_server):
     assert writer.close(30) == 0
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert steps == [2, 4, 6, 8]
+
+
+def test_the_writer_asks_whether_a_tracking_server_answers_at_all(mlflow_server):
+    from infra.local.stack import free_port
+
+    # Before each batch: a server that answers (any status) is reachable, a closed port is
+    # not, and a tracking URI that is not a server always is.
+    assert reachable(mlflow_server.uri) and reachable(f"{mlflow_server.uri}/no-such-path")
+    assert not reachable(f"http://127.0.0.1:{free_port()}", timeout=2)
+    assert reachable("sqlite:///mlflow.db") and reachable("file:///tmp/mlruns")

@@ -72,6 +72,11 @@ class MetricWriter:
     the tracking server is unreachable they wait (one line says so) and are retried, so
     a slow or absent server never stalls a step. If more than `max_pending` wait, the
     oldest are dropped and counted (`dropped`), and `close` reports what never left.
+
+    Before each batch it asks whether a tracking server answers at all (`reachable`): a
+    call to a server that is down sits in MLflow's client's own backoff (7 retries, some
+    4 minutes) and would see the server back only at its next try, minutes late, after
+    `close` may have given up; the writer's own 2 s retries see it at once.
     """
 
     def __init__(self, uri: str, run_id: str, max_pending: int = 200_000) -> None:
@@ -139,6 +144,8 @@ class MetricWriter:
                 batch = [self._queue[i] for i in range(min(500, len(self._queue)))]
                 self._busy = True
             try:
+                if not reachable(self.client.tracking_uri):
+                    raise ConnectionError("no answer")
                 self.client.log_batch(self.run_id, metrics=batch)
             except Exception as err:  # any failure: the server is down, slow or refusing
                 if outage_since is None:
@@ -183,6 +190,24 @@ class MetricWriter:
         if unsent:
             print(f"warning: {unsent} metrics never reached MLflow run {self.run_id}", flush=True)
         return unsent
+
+
+def reachable(uri: str, timeout: float = 5.0) -> bool:
+    """Whether the tracking server at `uri` answers at all (any HTTP status, at its
+    `/health` endpoint), in one request of at most `timeout` seconds without retries.
+    True for a tracking URI that is not an HTTP server (a file or database)."""
+    import urllib.error
+    import urllib.request
+
+    if not uri.startswith(("http://", "https://")):
+        return True
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:  # it answered, if not with 200
+        return True
+    except OSError:  # refused, reset or timed out
+        return False
+    return True
 
 
 def metric_history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:

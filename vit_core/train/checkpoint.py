@@ -136,12 +136,13 @@ class StoredCheckpoint:
 
 def checkpoint_files(run_location: str) -> dict[str, set[str]]:
     """Each checkpoint folder under a run's location (`checkpoint_<time>`) -> the paths of
-    the files in it, relative to the folder."""
+    the files in it, relative to the folder. Files beside the folders are left out (Ray
+    Train's `checkpoint_manager_snapshot.json` shares their prefix)."""
     prefix = run_location.rstrip("/") + "/"
     files: dict[str, set[str]] = defaultdict(set)
     for uri in storage.list_files(run_location):
         name, _, rest = uri[len(prefix) :].partition("/")
-        if name.startswith("checkpoint_"):
+        if name.startswith("checkpoint_") and rest:
             files[name].add(rest)
     return files
 
@@ -175,7 +176,9 @@ def remove_incomplete_checkpoints(run_location: str) -> list[str]:
     if not complete:
         return []
     newest = max(complete)
-    stale = [prefix + n for n, found in files.items() if n < newest and not CHECKPOINT_FILES <= found]
+    stale = [
+        prefix + n for n, found in files.items() if n < newest and not CHECKPOINT_FILES <= found
+    ]
     for uri in stale:
         storage.delete(uri)
     return stale
@@ -200,6 +203,7 @@ class Checkpointer:
         self.best_model_uri = storage.join(run_location, "best_model")
         self.rank = rank
         self.restored_metrics: list = []  # the resumed checkpoint's metric segment
+        self.swept = False  # whether this worker group removed the cut-short checkpoints
         self.model, self.optimizer, self.scheduler, self.ema = model, optimizer, scheduler, ema
 
     def restore(self) -> tuple[Progress, str | None]:
@@ -240,5 +244,9 @@ class Checkpointer:
                 if best:
                     storage.upload_dir(Path(tmp) / MODEL_DIR, self.best_model_uri)
             ray.train.report(metrics, checkpoint=checkpoint)
-        if self.rank == 0:  # the checkpoint just reported is on storage
+        if self.rank == 0 and not self.swept:
+            # Cut-short uploads come from an earlier worker group or job (a killed worker,
+            # a stopped job): all are older than this group's first checkpoint, just put on
+            # storage, so one sweep then finds them and later saves make no storage call.
             remove_incomplete_checkpoints(self.run_location)
+            self.swept = True
