@@ -115,16 +115,15 @@ def main() -> int:
     print(f"{'search':8} {'trials':>6} {'trial-steps':>11} {'wall s':>7} {'best val/top1':>13}")
     for name, r in results.items():
         print(f"{name:8} {r['trials']:6.0f} {r['steps']:11.0f} {r['wall']:7.0f} {r['best']:13.4f}")
-    ashas = [r for name, r in results.items() if name.startswith("asha-")]
+    ashas = {name: r for name, r in results.items() if name.startswith("asha-")}
     if "grid" in results and ashas:
         g = results["grid"]
-        for name, a in results.items():
-            if name.startswith("asha-"):
-                print(f"grid/{name}: {g['steps'] / a['steps']:.2f}x trial-steps, "
-                      f"{g['wall'] / a['wall']:.2f}x wall time; best {name} - grid: "
-                      f"{100 * (a['best'] - g['best']):+.1f} points")  # fmt: skip
-        mean_steps = sum(a["steps"] for a in ashas) / len(ashas)
-        worst = min(a["best"] for a in ashas)
+        for name, a in ashas.items():
+            print(f"grid/{name}: {g['steps'] / a['steps']:.2f}x trial-steps, "
+                  f"{g['wall'] / a['wall']:.2f}x wall time; best {name} - grid: "
+                  f"{100 * (a['best'] - g['best']):+.1f} points")  # fmt: skip
+        mean_steps = sum(a["steps"] for a in ashas.values()) / len(ashas)
+        worst = min(a["best"] for a in ashas.values())
         print(f"over {len(ashas)} orders: grid/asha {g['steps'] / mean_steps:.2f}x trial-steps "
               f"on average; worst best asha - grid: {100 * (worst - g['best']):+.1f} points")  # fmt: skip
     if "random" in results and "tpe" in results:
