@@ -87,3 +87,19 @@ def train_workers(ray_cluster, submission_id: str) -> list:
                           filters=[("class_name", "=", "RayTrainWorker")],
                           raise_on_missing_output=False)  # fmt: skip
     return [w for w in workers if job_id and w.job_id == job_id]
+
+
+def newest_step(location: str) -> int:
+    """The newest complete checkpoint's step (0 if none), read while the job runs: Ray
+    Train may delete a checkpoint (checkpoint.keep_last) between the listing and the read;
+    then ask again."""
+    from vit_core import storage
+    from vit_core.train.checkpoint import latest_stored_checkpoint
+
+    for _ in range(20):
+        try:
+            found = latest_stored_checkpoint(location)
+            return found.step if found else 0
+        except storage.StorageError:
+            time.sleep(0.1)
+    raise AssertionError(f"the checkpoints under {location} could not be read 20 times running")

@@ -20,7 +20,7 @@ from concurrent.futures import Future
 
 import pytest
 from conftest import SMALL_JOB
-from jobs import FINAL, SubmittedJob, sets
+from jobs import FINAL, SubmittedJob, newest_step, sets
 from mlflow.tracking import MlflowClient
 
 from vit_core import storage
@@ -128,12 +128,19 @@ def test_training_rides_out_tracking_and_storage_outages(
     durations = {s: stamps[s] - stamps[s - 1] for s in stamps if s - 1 in stamps}
     # The same number of steps just before and just after MLflow went down: adjacent
     # windows, so that a change in the machine's load (shared, small) weighs on both alike.
-    before = [d for s, d in durations.items() if stamps[s] < mlflow_down][-PACE_STEPS:]
-    during = [d for s, d in durations.items() if mlflow_down <= stamps[s] < s3_down][:PACE_STEPS]
+    before_steps = [s for s in durations if stamps[s] < mlflow_down][-PACE_STEPS:]
+    during_steps = [s for s in durations if mlflow_down <= stamps[s] < s3_down][:PACE_STEPS]
+    before = [durations[s] for s in before_steps]
+    during = [durations[s] for s in during_steps]
     pace = statistics.median(during) / statistics.median(before)
     print(f"median step before the tracking outage {statistics.median(before):.3f} s "
           f"({len(before)} steps), during it {statistics.median(during):.3f} s "
           f"({len(during)} steps): ratio {pace:.2f}")  # fmt: skip
+    # What of it rank 0 spent waiting for its next batch (Ray Data), per step.
+    waits = {m.step: m.value for m in client.get_metric_history(run_id, "train/data_wait_fraction")}
+    for name, steps in (("before", before_steps), ("during", during_steps)):
+        print(f"{name}: steps {min(steps)}-{max(steps)}, median data wait "
+              f"{statistics.median(durations[s] * waits[s] for s in steps):.3f} s")  # fmt: skip
     assert len(before) >= PACE_STEPS - 1 and len(during) == PACE_STEPS, (before, during)
     assert pace < 2.0, (before, during)
     # A checkpoint upload waited for the store: the job was held in the save of a
@@ -173,19 +180,6 @@ def wait_for_checkpoint(job: SubmittedJob, location: str, ready, timeout: float,
             f"no {what} within {timeout:.0f} s (newest: step {step}):\n{job.logs()[-3000:]}"
         )
         time.sleep(0.5)
-
-
-def newest_step(location: str) -> int:
-    """The newest complete checkpoint's step (0 if none), read while the job runs: Ray
-    Train may delete a checkpoint (checkpoint.keep_last) between the listing and the read;
-    then ask again."""
-    for _ in range(20):
-        try:
-            found = latest_stored_checkpoint(location)
-            return found.step if found else 0
-        except storage.StorageError:
-            time.sleep(0.1)
-    raise AssertionError(f"the checkpoints under {location} could not be read 20 times running")
 
 
 def in_background(fn, *args) -> Future:

@@ -47,6 +47,8 @@ def test_an_elastic_worker_range_keeps_the_global_batch_and_the_budget():
                                           "train.micro_batch_size=32"])  # fmt: skip
     assert worker_range(cfg) == (2, 4) and format_workers(cfg) == "2..4"
     assert scaling_config(cfg).num_workers == (2, 4)
+    cfg.scaling.elastic_resize_monitor_interval_s = 5.0  # how soon a returned node is used
+    assert scaling_config(cfg).elastic_resize_monitor_interval_s == 5.0
     # The driver fixes the budget for the largest group; a smaller one accumulates more.
     budget = BatchPlan.of(cfg, 10_000, world=4).total_steps
     smaller = BatchPlan.of(cfg, 10_000, world=2, total_steps=budget)

@@ -610,8 +610,20 @@ class RayCluster:
         self.pgids.append(proc.pid)
         return proc
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 120, attempts: int = 2) -> None:
+        """Start the head, then the worker nodes; returns when all are alive. A start that
+        fails is stopped and made again, up to `attempts` times in all: on a loaded machine
+        a node's processes can miss Ray's own 30 s registration deadlines. Raises
+        StackError with the last attempt's reason."""
         find_binary("ray", "ray[default]")
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_once(timeout)
+            except StackError:
+                if attempt == attempts:
+                    raise
+
+    def _start_once(self, timeout: float) -> None:
         if self.port:
             require_free(self.port, "Ray GCS")
         else:
@@ -642,9 +654,9 @@ class RayCluster:
             )
             for i in range(self.workers):
                 self._start_worker(i)
-            wait_until(
-                lambda: self.alive_nodes() == self.workers + 1, timeout, "Ray worker nodes", log
-            )
+            # The head can still fail (its client server's registration deadline).
+            wait_until(lambda: self.alive_nodes() == self.workers + 1, timeout,
+                       "Ray worker nodes", log, head)  # fmt: skip
         except BaseException:
             self.stop()
             raise
@@ -661,14 +673,23 @@ class RayCluster:
         wait_until(lambda: self.alive_nodes() == self.workers, timeout,
                    f"the head noticing worker node {i} gone")  # fmt: skip
 
-    def start_worker_node(self, i: int = 0, timeout: float = 120) -> None:
+    def start_worker_node(self, i: int = 0, timeout: float = 120, attempts: int = 2) -> None:
         """Start worker node `i` again (after kill_worker_node), as a replacement machine
-        joining the cluster: a new node, on a fresh temporary directory."""
-        shutil.rmtree(self._temp_dir(f"w{i}"), ignore_errors=True)
-        proc = self._start_worker(i)
-        self.pgids[1 + i] = self.pgids.pop()
-        wait_until(lambda: self.alive_nodes() == self.workers + 1, timeout,
-                   f"Ray worker node {i}", self.root / f"ray-worker-{i}.log", proc)  # fmt: skip
+        joining the cluster: a new node, on a fresh temporary directory; a start that fails
+        (a raylet that misses Ray's 30 s registration deadline on a loaded machine) is made
+        again, up to `attempts` times. Raises StackError with the last reason."""
+        for attempt in range(1, attempts + 1):
+            kill_group(self.pgids[1 + i], sig=signal.SIGKILL)  # what is left of the node
+            shutil.rmtree(self._temp_dir(f"w{i}"), ignore_errors=True)
+            proc = self._start_worker(i)
+            self.pgids[1 + i] = self.pgids.pop()
+            try:
+                return wait_until(lambda: self.alive_nodes() == self.workers + 1, timeout,
+                                  f"Ray worker node {i}", self.root / f"ray-worker-{i}.log",
+                                  proc)  # fmt: skip
+            except StackError:
+                if attempt == attempts:
+                    raise
 
     def alive_nodes(self) -> int:
         request = urllib.request.Request(

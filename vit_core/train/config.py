@@ -97,6 +97,9 @@ class ScalingSection:
     # CPUs the trainers must leave free in the cluster for Ray Data's read and decode
     # tasks: trainers holding every CPU leave those tasks pending forever.
     data_cpus: float = 1.0
+    # Elastic runs: how often Ray Train asks whether more workers fit than the running
+    # group has (nodes that came back), and restarts it larger from its newest checkpoint.
+    elastic_resize_monitor_interval_s: float = 60.0
 
 
 @dataclass

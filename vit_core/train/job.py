@@ -201,8 +201,12 @@ def run_training(
             failure_config=failure_config(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             callbacks=list(callbacks),
-            # Ray Train's reports and checkpoint notices go to its log files, not the console.
-            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            # Ray Train's reports, checkpoint notices and the tracebacks of failures it
+            # handles (a lost worker, a group that cannot be placed) go to its log files,
+            # not the console: the job says what happened in its own lines ("resumed
+            # from ...", one "error: ..." line) and a failure it cannot handle reaches the
+            # driver as an exception that carries the worker's traceback.
+            logging_config=ray.train.LoggingConfig(log_level="CRITICAL"),
         ),
         dataset_config=ingest_config(cfg.data),
         datasets={

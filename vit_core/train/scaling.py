@@ -69,6 +69,7 @@ def scaling_config(cfg: TrainConfig) -> ray.train.ScalingConfig:
         use_gpu=s.use_gpu,
         resources_per_worker=worker_resources(cfg),
         placement_strategy=s.placement_strategy,
+        elastic_resize_monitor_interval_s=s.elastic_resize_monitor_interval_s,
     )
 
 
@@ -208,6 +209,9 @@ def check_scaling(cfg: TrainConfig) -> None:
     worker_range(cfg)
     if s.wait_for_workers_s <= 0:
         raise ConfigError(f"scaling.wait_for_workers_s: {s.wait_for_workers_s:g} (seconds, > 0)")
+    if s.elastic_resize_monitor_interval_s < 0:
+        raise ConfigError("scaling.elastic_resize_monitor_interval_s: "
+                          f"{s.elastic_resize_monitor_interval_s:g} (seconds, >= 0)")
     if s.data_cpus < 0 or s.cpus_per_worker < 0:
         raise ConfigError(f"scaling: data_cpus {s.data_cpus:g} and cpus_per_worker "
                           f"{s.cpus_per_worker:g} cannot be negative")  # fmt: skip
