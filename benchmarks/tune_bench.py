@@ -1,18 +1,36 @@
 """What ASHA and TPE buy over a plain grid and random search, on the same space and
 budget, each search a real run of pipelines/tune.py's driver (every trial a Ray Train
-run) on a local Ray, digits at 32 px, a small ViT trained from scratch with AdamW.
+run) on a local Ray, digits at 32 px, a small ViT (4x4 patches of 8 px, width 48, 2 blocks).
 
-    python benchmarks/tune_bench.py                  # about an hour on 2 cores
+    python benchmarks/tune_bench.py                   # fine-tuning space, about an hour on 2 cores
+    python benchmarks/tune_bench.py --space pretrain  # the from-scratch space, about an hour
     python benchmarks/tune_bench.py --searches grid,asha --grid 6 --steps 90
 
-Four searches:
-  grid      the learning-rate grid (log-spaced), every trial to the end
+Two spaces:
+  finetune  the issue's case, the paper's fine-tuning recipe (digits_finetune.yaml under
+            digits_tune.yaml: SGD with momentum 0.9, cosine decay, a new zero-initialised
+            linear head, Polyak averaging) from a backbone the benchmark pretrains first on
+            the digits 0-4 (pipelines/pretrain.py's job, registered with the alias
+            `backbone` in the benchmark's own MLflow), fine-tuned on the digits 5-9: classes
+            the backbone never saw, so the fine-tune has to learn, and the starting
+            features help only as far as strokes carry over. The grid: 9 learning rates
+            log-spaced 0.001..0.1, the paper's small-dataset grid {0.001, 0.003, 0.01,
+            0.03} at twice its density and up past its ImageNet grid's 0.06.
+            Warmup 10 steps (the recipe's 5% of the step budget), so the first rung
+            compares trials at their full learning rate.
+  pretrain  a ViT from scratch on all ten digits with AdamW (digits_tiny.yaml), 9
+            learning rates log-spaced 1e-5..0.1.
+
+Four searches on each:
+  grid      the learning-rate grid, every trial to the end
   asha-K    the same grid with ASHA (grace period and reduction factor below), once for
             each of --orders random orders of the grid (K: the order's seed)
   random    --trials draws of the learning rate and weight decay (log-uniform)
-  tpe       the same space and number of trials with Optuna's TPE
-Prints total trial-steps, wall time and the best val/top1 of each, and the ratios
-(grid / asha for steps and time; asha - grid and tpe - random for the best metric).
+  tpe       the same space and number of trials with Optuna's TPE, which draws its first
+            --tpe-startup trials at random (tune.tpe_startup_trials)
+Prints total trial-steps, wall time and the best val/top1 of each, the ratios (grid /
+asha for steps and time; asha - grid and tpe - random for the best metric), and the
+grid's curves at ASHA's rungs.
 
 Every trial reads its batches in the same order (data.preserve_order) from the same seeds,
 so a learning rate's curve is the same in every search: the grid and ASHA differ only in
@@ -24,6 +42,8 @@ so what it spends and finds depends on which rates come first.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 import tempfile
@@ -32,104 +52,227 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+CONFIGS = ROOT / "pipelines" / "configs"
+SMALL = ["model.embed_dim=48", "model.depth=2", "model.num_heads=3"]
+BACKBONE = "bench-backbone"
+# Per space: presets, the grid's ends (log10), the random/TPE ranges, the defaults.
+SPACES = {
+    "finetune": {
+        "presets": ["digits_finetune.yaml", "digits_tune.yaml"],
+        "grid": (-3, -1),
+        "wide": ("tune.space={optim.lr: {loguniform: [1.0e-3, 0.1]}, "
+                 "optim.weight_decay: {loguniform: [1.0e-6, 1.0e-3]}}"),  # fmt: skip
+        "steps": 180, "warmup": 10, "search_steps": 60, "trials": 16, "tpe_startup": 5,
+    },
+    "pretrain": {
+        "presets": ["digits_tiny.yaml", "digits_tune.yaml"],
+        "grid": (-5, -1),
+        "wide": ("tune.space={optim.lr: {loguniform: [1.0e-5, 0.1]}, "
+                 "optim.weight_decay: {loguniform: [1.0e-4, 0.3]}}"),  # fmt: skip
+        "steps": 270, "warmup": 5, "search_steps": 270, "trials": 9, "tpe_startup": 10,
+    },
+}  # fmt: skip
 
 
-def search(name: str, work: Path, data: str, args, extra: list[str]) -> dict:
+def digit_classes(classes: list[int]):
+    """scikit-learn's digits (32 px) restricted to `classes`, labelled 0..len-1 in that
+    order and named by the digit."""
+    from dataclasses import replace
+
+    from vit_core.data.sources import Source, digits_source
+
+    full = digits_source(32)
+    label = {c: i for i, c in enumerate(classes)}
+    kept = [s for s in full.samples if s.label in label]
+    samples = [replace(s, index=i, label=label[s.label]) for i, s in enumerate(kept)]
+    return Source(f"sklearn digits {classes} at 32 px", [str(c) for c in classes], samples,
+                  full.default_val_fraction, full.default_shard_samples)  # fmt: skip
+
+
+def pretrain_backbone(work: Path, data: str, epochs: int) -> float:
+    """pipelines/pretrain.py's job (digits_tiny, small) on `data`, registered as
+    BACKBONE@backbone. Returns its final val/top1."""
+    from vit_core.config import load_config
+    from vit_core.train.config import TrainConfig
+    from vit_core.train.job import run_training
+
+    cfg = load_config(TrainConfig, CONFIGS / "digits_tiny.yaml", [
+        *SMALL, "run_name=bench-backbone", f"storage={work / 'runs'}", f"data.location={data}",
+        f"train.epochs={epochs}", "scaling.num_workers=1", "checkpoint.every_steps=100000",
+        "train.log_every_steps=1000", "tracking.experiment=bench-backbone",
+        f"tracking.registered_model={BACKBONE}", "tracking.alias=backbone",
+    ])  # fmt: skip
+    return run_training(cfg).metrics["val/top1"]
+
+
+def search(name: str, work: Path, data: str, space: dict, args, steps: int,
+           extra: list[str]) -> dict:  # fmt: skip
     from mlflow.tracking import MlflowClient
 
     from vit_core.config import load_config
     from vit_core.tune.config import SearchConfig
     from vit_core.tune.search import run_search
 
-    configs = ROOT / "pipelines" / "configs"
-    cfg = load_config(SearchConfig, [configs / "digits_tiny.yaml", configs / "digits_tune.yaml"], [
-        f"run_name=bench-{name}", f"storage={work / 'runs'}", f"data.location={data}",
-        "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "scaling.num_workers=1",
-        "data.preserve_order=true",
-        f"train.steps={args.steps}", f"train.eval_every_steps={args.eval_every}",
-        f"checkpoint.every_steps={args.steps}", "train.log_every_steps=1000",
-        "optim.warmup_steps=5", "scaling.max_failures=0", "tracking.register=false",
-        f"tracking.experiment=bench-{name}", f"tune.grace_period={args.grace}",
-        f"tune.reduction_factor={args.reduction}",
+    model = SMALL if args.space == "pretrain" else [f"model.init_from=models:/{BACKBONE}@backbone"]
+    cfg = load_config(SearchConfig, [CONFIGS / p for p in space["presets"]], [
+        f"run_name=bench-{name}", f"storage={work / 'runs'}", f"data.location={data}", *model,
+        "scaling.num_workers=1", "data.preserve_order=true",
+        f"train.steps={steps}", f"train.eval_every_steps={args.eval_every}",
+        f"checkpoint.every_steps={steps}", "train.log_every_steps=1000",
+        f"optim.warmup_steps={space['warmup']}", "scaling.max_failures=0",
+        "tracking.register=false", f"tracking.experiment=bench-{name}",
+        f"tune.grace_period={args.grace}", f"tune.reduction_factor={args.reduction}",
         f"tune.max_concurrent_trials={args.concurrency}", *extra,
     ])  # fmt: skip
     start = time.perf_counter()
     outcome = run_search(cfg)
     wall = time.perf_counter() - start
-    metrics = MlflowClient().get_run(outcome.mlflow_run_id).data.metrics
+    client = MlflowClient()
+    metrics = client.get_run(outcome.mlflow_run_id).data.metrics
+    runs = client.search_runs(
+        [client.get_experiment_by_name(f"bench-{name}").experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{outcome.mlflow_run_id}'",
+    )
+    trials = [{
+        "lr": float(r.data.params["optim.lr"]),
+        "wd": float(r.data.params["optim.weight_decay"]),
+        "final": r.data.metrics.get("val/top1"),
+        "started": r.info.start_time,
+        "curve": dict((m.step, m.value) for m in client.get_metric_history(r.info.run_id,
+                                                                            "val/top1")),
+    } for r in runs]  # fmt: skip
+    best = max((t for t in trials if t["final"] is not None), key=lambda t: t["final"])
     return {
         "steps": metrics["tune/total_trial_steps"],
         "wall": wall,
         "best": metrics["tune/best_val_top1"],
+        "best_lr": best["lr"],
+        "best_wd": best["wd"],
         "trials": metrics["tune/trials"],
+        "stopped": metrics["tune/stopped_early"],
+        "curves": trials,
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--space", choices=sorted(SPACES), default="finetune")
     parser.add_argument("--grid", type=int, default=9, help="learning rates in the grid")
-    parser.add_argument("--trials", type=int, default=9, help="trials of random and tpe")
-    parser.add_argument("--steps", type=int, default=270, help="a trial's step budget")
+    parser.add_argument("--steps", type=int, help="a grid/asha trial's step budget "
+                        "(default: finetune 180, pretrain 270)")  # fmt: skip
+    parser.add_argument("--search-steps", type=int, help="a random/tpe trial's step "
+                        "budget (default: finetune 60, pretrain 270)")  # fmt: skip
+    parser.add_argument("--trials", type=int, help="trials of random and tpe "
+                        "(default: finetune 16, pretrain 9)")  # fmt: skip
+    parser.add_argument("--tpe-startup", type=int, help="TPE's random trials first "
+                        "(default: finetune 5, pretrain Optuna's 10)")  # fmt: skip
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--grace", type=int, default=10, help="ASHA's grace period (steps)")
     parser.add_argument("--reduction", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--orders", type=int, default=3,
                         help="ASHA searches, each with the grid listed in another random order")  # fmt: skip
+    parser.add_argument("--backbone-epochs", type=int, default=40,
+                        help="finetune: the backbone's pretraining epochs on the digits 0-4")  # fmt: skip
     parser.add_argument("--searches", default="grid,asha,random,tpe",
                         help="which of the four to run (comma-separated)")  # fmt: skip
     args = parser.parse_args()
+    space = SPACES[args.space]
+    steps = args.steps or space["steps"]
+    search_steps = args.search_steps or space["search_steps"]
+    trials = args.trials or space["trials"]
+    startup = space["tpe_startup"] if args.tpe_startup is None else args.tpe_startup
 
     import numpy as np
 
     from vit_core.data import make_digits_shards
+    from vit_core.data.make import make_shards
 
     work = Path(tempfile.mkdtemp(prefix="tune-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     data = str(work / "digits")
-    make_digits_shards(data, image_size=32, progress=False)
-    rates = np.logspace(-5, -1, args.grid)
+    started = time.perf_counter()
+    if args.space == "finetune":
+        make_shards(digit_classes([0, 1, 2, 3, 4]), str(work / "digits-0-4"), progress=False)
+        make_shards(digit_classes([5, 6, 7, 8, 9]), data, progress=False)
+        backbone = pretrain_backbone(work, str(work / "digits-0-4"), args.backbone_epochs)
+        print(f"\nbackbone: {args.backbone_epochs} epochs on the digits 0-4, val/top1 "
+              f"{backbone:.4f}, {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
+    else:
+        make_digits_shards(data, image_size=32, progress=False)
+    rates = np.logspace(*space["grid"], args.grid)
 
     def lr_grid(order: int) -> str:  # the grid listed in a seeded random order
         values = [float(f"{v:.3g}") for v in np.random.default_rng(order).permutation(rates)]
         return f"tune.space={{optim.lr: {{grid: {values}}}}}"
 
-    wide = ("tune.space={optim.lr: {loguniform: [1.0e-5, 0.1]}, "
-            "optim.weight_decay: {loguniform: [1.0e-4, 0.3]}}")  # fmt: skip
-    plans = {"grid": [lr_grid(0), "tune.scheduler=fifo"]}
+    plans = {"grid": (steps, [lr_grid(0), "tune.scheduler=fifo"])}
     for order in range(args.orders):
-        plans[f"asha-{order}"] = [lr_grid(order), "tune.scheduler=asha"]
-    plans["random"] = [wide, "tune.search=random", f"tune.num_samples={args.trials}",
-                       "tune.scheduler=fifo"]  # fmt: skip
-    plans["tpe"] = [wide, "tune.search=tpe", f"tune.num_samples={args.trials}",
-                    "tune.scheduler=fifo"]  # fmt: skip
+        plans[f"asha-{order}"] = (steps, [lr_grid(order), "tune.scheduler=asha"])
+    sampled = [space["wide"], f"tune.num_samples={trials}", "tune.scheduler=fifo"]
+    plans["random"] = (search_steps, [*sampled, "tune.search=random"])
+    plans["tpe"] = (search_steps, [*sampled, "tune.search=tpe",
+                                   f"tune.tpe_startup_trials={startup}"])  # fmt: skip
     chosen = args.searches.split(",")
-    results = {
-        name: search(name, work, data, args, plan)
-        for name, plan in plans.items()
-        if name.split("-")[0] in chosen
-    }
-    print(f"\nspace: grid of {args.grid} rates {[float(f'{v:.3g}') for v in rates]} "
-          f"({args.steps} steps a trial); random/tpe: {args.trials} trials, lr and weight "
-          "decay log-uniform")  # fmt: skip
-    print(f"{'search':8} {'trials':>6} {'trial-steps':>11} {'wall s':>7} {'best val/top1':>13}")
+    results = {}
+    for name, (budget, plan) in plans.items():
+        if name.split("-")[0] in chosen:
+            results[name] = r = search(name, work, data, space, args, budget, plan)
+            print(f"\nbenchmark {name}: {r['trials']:.0f} trials, {r['steps']:.0f} trial-steps, "
+                  f"{r['wall']:.0f} s, best val/top1 {r['best']:.4f} (lr {r['best_lr']:.3g})",
+                  flush=True)  # fmt: skip
+            (work / "results.json").write_text(json.dumps(results))  # a partial run's figures
+    report(args, space, rates, steps, search_steps, trials, startup, results)
+    print(f"benchmark: {time.perf_counter() - started:.0f} s in all")
+    return 0
+
+
+def report(args, space, rates, steps, search_steps, trials, startup, results) -> None:
+    rungs = [args.grace * args.reduction**k for k in
+             range(int(math.log(steps / args.grace, args.reduction) + 1e-9) + 1)]  # fmt: skip
+    rungs = [int(r) for r in rungs if r < steps] + [steps]
+    print(f"\nspace {args.space}: grid of {args.grid} rates {[float(f'{v:.3g}') for v in rates]} "
+          f"({steps} steps a trial, ASHA grace {args.grace}, reduction {args.reduction:g}, "
+          f"{args.concurrency} trials at once); random/tpe: {trials} trials of {search_steps} "
+          f"steps, {space['wide'][len('tune.space='):]}, TPE after {startup} random")  # fmt: skip
+    print(f"{'search':8} {'trials':>6} {'stopped':>7} {'trial-steps':>11} {'wall s':>7} "
+          f"{'best val/top1':>13}  best lr, weight decay")  # fmt: skip
     for name, r in results.items():
-        print(f"{name:8} {r['trials']:6.0f} {r['steps']:11.0f} {r['wall']:7.0f} {r['best']:13.4f}")
+        print(f"{name:8} {r['trials']:6.0f} {r['stopped']:7.0f} {r['steps']:11.0f} "
+              f"{r['wall']:7.0f} {r['best']:13.4f}  {r['best_lr']:.3g}, {r['best_wd']:.3g}")  # fmt: skip
+    if "grid" in results:
+        print(f"\nthe grid's val/top1 at ASHA's rungs (steps {rungs}; rank in brackets):")
+        curves = sorted(results["grid"]["curves"], key=lambda t: t["lr"])
+        at = {s: sorted((t["curve"].get(s, float("nan")) for t in curves), reverse=True)
+              for s in rungs}  # fmt: skip
+        for t in curves:
+            cells = " ".join(f"{t['curve'].get(s, float('nan')):.3f} ({at[s].index(t['curve'][s]) + 1})"
+                             if s in t["curve"] else "  -  " for s in rungs)  # fmt: skip
+            print(f"  lr {t['lr']:<8.3g} {cells}")
     ashas = {name: r for name, r in results.items() if name.startswith("asha-")}
     if "grid" in results and ashas:
         g = results["grid"]
+        met = 0
         for name, a in ashas.items():
+            ok = g["steps"] / a["steps"] >= 3 and 100 * (g["best"] - a["best"]) <= 0.5
+            met += ok
             print(f"grid/{name}: {g['steps'] / a['steps']:.2f}x trial-steps, "
                   f"{g['wall'] / a['wall']:.2f}x wall time; best {name} - grid: "
-                  f"{100 * (a['best'] - g['best']):+.1f} points")  # fmt: skip
+                  f"{100 * (a['best'] - g['best']):+.1f} points; goal {'met' if ok else 'missed'}")  # fmt: skip
         mean_steps = sum(a["steps"] for a in ashas.values()) / len(ashas)
         worst = min(a["best"] for a in ashas.values())
         print(f"over {len(ashas)} orders: grid/asha {g['steps'] / mean_steps:.2f}x trial-steps "
-              f"on average; worst best asha - grid: {100 * (worst - g['best']):+.1f} points")  # fmt: skip
+              f"on average; worst best asha - grid: {100 * (worst - g['best']):+.1f} points; "
+              f"goal met in {met} of {len(ashas)}")  # fmt: skip
     if "random" in results and "tpe" in results:
-        print(f"best tpe - random after {args.trials} trials: "
+        print(f"best tpe - random after {trials} trials: "
               f"{100 * (results['tpe']['best'] - results['random']['best']):+.1f} points")
-    return 0
+        for name in ("random", "tpe"):  # in the order the trials started
+            got = sorted(results[name]["curves"], key=lambda t: t["started"])
+            best = [max(t["final"] or 0.0 for t in got[:n]) for n in range(1, len(got) + 1)]
+            print(f"  {name}, best after each trial: " + " ".join(f"{b:.3f}" for b in best))
+            print(f"  {name}, lr/weight decay: val/top1: " + ", ".join(
+                f"{t['lr']:.3g}/{t['wd']:.2g}: {t['final'] or 0.0:.3f}" for t in got))
 
 
 if __name__ == "__main__":

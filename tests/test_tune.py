@@ -66,11 +66,27 @@ def test_space_domains_become_ray_tune_domains():
         (["tune.space={optim.lr: [0.1, 0.2]}"], "give one of grid, choice"),
         (["train.eval_every_steps=0"], "set train.eval_every_steps"),
         (["tune.grace_period=5"], "must be at least train.eval_every_steps"),
+        (["tune.tpe_startup_trials=-1", "tune.search=tpe",
+          "tune.space={optim.lr: {loguniform: [0.001, 0.1]}}"], "tune.tpe_startup_trials: expected 0"),
     ],
 )  # fmt: skip
 def test_a_bad_space_is_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         dimensions(search_config(*overrides), num_classes=10)
+
+
+def test_tpe_startup_trials_are_part_of_the_search():
+    """A TPE search's random start is described and in the digest a resubmitted search is
+    checked against; other searches ignore it."""
+    from vit_core.tune.search import describe, space_digest
+
+    tpe = ["tune.search=tpe", "tune.space={optim.lr: {loguniform: [1.0e-3, 0.1]}}"]
+    five, ten = (search_config(*tpe, f"tune.tpe_startup_trials={n}") for n in (5, 10))
+    assert "5 random trials first" in describe(five, dimensions(five, 10))
+    assert space_digest(five, dimensions(five, 10)) != space_digest(ten, dimensions(ten, 10))
+    grid = search_config("tune.tpe_startup_trials=5")
+    assert space_digest(grid, dimensions(grid, 10)) == space_digest(
+        search_config(), dimensions(search_config(), 10))
 
 
 @pytest.fixture(scope="module")

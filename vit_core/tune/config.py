@@ -54,6 +54,10 @@ class TuneSection:
     # Times a failed trial is started again (from its checkpoint) before it is recorded
     # as failed; a failed trial never ends the search.
     max_failures: int = 0
+    # tpe: trials Optuna's TPESampler draws at random before it models the space
+    # (n_startup_trials; Optuna's default is 10). A search of fewer trials than this is
+    # random search.
+    tpe_startup_trials: int = 10
     seed: int = 0
 
 
@@ -136,6 +140,10 @@ def dimensions(cfg: SearchConfig, num_classes: int) -> list[Dimension]:
         dims.append(Dimension(key, "grid" if tune.search == "grid" else kind, typed))
     if tune.num_samples < 1:
         raise ConfigError(f"tune.num_samples: expected 1 or more, got {tune.num_samples}")
+    if tune.tpe_startup_trials < 0:
+        raise ConfigError(
+            f"tune.tpe_startup_trials: expected 0 or more, got {tune.tpe_startup_trials}"
+        )
     if tune.scheduler == "asha":
         if not cfg.train.eval_every_steps:
             raise ConfigError("tune.scheduler asha compares trials on validation results: set "

@@ -224,7 +224,8 @@ def build_tuner(cfg: SearchConfig, dims: list[Dimension], plan: SearchPlan, home
         import optuna
         from ray.tune.search.optuna import OptunaSearch
 
-        search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=t.seed))
+        sampler = optuna.samplers.TPESampler(n_startup_trials=t.tpe_startup_trials, seed=t.seed)
+        search_alg = OptunaSearch(sampler=sampler)
         limit = concurrency  # Tune wraps a Searcher in its ConcurrencyLimiter
     else:
         # Tune leaves the limit to a search algorithm given as an instance.
@@ -437,6 +438,8 @@ def space_digest(cfg: SearchConfig, dims: list[Dimension]) -> str:
     what = [[d.key, d.kind, d.values] for d in dims]
     what += [t.search, t.num_samples, t.metric, t.mode, t.scheduler, t.grace_period,
              t.reduction_factor, t.seed]  # fmt: skip
+    if t.search == "tpe":  # kept out of other searches' digests: they do not use it
+        what.append(t.tpe_startup_trials)
     return hashlib.sha256(json.dumps(what, default=str).encode()).hexdigest()[:16]
 
 
@@ -446,7 +449,9 @@ def describe(cfg: SearchConfig, dims: list[Dimension]) -> str:
     trials = grid_size(dims) * t.num_samples
     scheduler = (f"ASHA on {t.metric} (grace {t.grace_period} steps, reduction "
                  f"{t.reduction_factor:g})" if t.scheduler == "asha" else "every trial to the end")  # fmt: skip
-    return f"{t.search} search over {space}, {trials} trials, {scheduler}"
+    search = (f"tpe search ({t.tpe_startup_trials} random trials first)" if t.search == "tpe"
+              else f"{t.search} search")  # fmt: skip
+    return f"{search} over {space}, {trials} trials, {scheduler}"
 
 
 def format_params(params: dict) -> str:
