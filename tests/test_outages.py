@@ -11,7 +11,6 @@ else uses them meanwhile)."""
 
 from __future__ import annotations
 
-import os
 import statistics
 import threading
 import time
@@ -38,11 +37,6 @@ PACE_STEPS = 20
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    not os.environ.get("VIT_OUTAGE_TESTS"),
-    reason="its pace check is not yet reliable on a loaded machine (README, Unfinished): "
-    "run with VIT_OUTAGE_TESTS=1",
-)
 def test_training_rides_out_tracking_and_storage_outages(
     ray_cluster, ray_client, mlflow_server, s3, digits_s3
 ):

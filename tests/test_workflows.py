@@ -175,6 +175,10 @@ def test_full_pipeline_through_the_daemon_resumes_a_stopped_step_without_resubmi
     JobSubmissionClient().stop_job(base)
     assert wait_run(dagster_services, run_id) == "FAILURE"
     stopped_at = latest_stored_checkpoint(location).step
+    # The stopped job marked its MLflow run KILLED on its way out (Ray's stop is a SIGTERM).
+    client = MlflowClient(mlflow_server.uri)
+    (stopped,) = client.search_runs([client.get_experiment_by_name(f"wf-ft-{tag}").experiment_id])
+    assert stopped.info.status == "KILLED", stopped.info
 
     cli = [sys.executable, "pipelines/workflows/cli.py"]
     # The orchestrator: this resume executes the run in its own process (and its step
@@ -201,7 +205,6 @@ def test_full_pipeline_through_the_daemon_resumes_a_stopped_step_without_resubmi
     log = JobSubmissionClient().get_job_logs(f"{base}-2")
     announced = re.search(rf"resuming run finetune-{run_id[:13]} from step (\d+) ", log)
     assert announced and int(announced.group(1)) >= stopped_at >= 4, log[-3000:]
-    client = MlflowClient(mlflow_server.uri)
     # The stopped job's MLflow run was continued by attempt -2: each step logged once.
     (run,) = client.search_runs([client.get_experiment_by_name(f"wf-ft-{tag}").experiment_id])
     resumed = client.get_metric_history(run.info.run_id, "resumed_from_step")
