@@ -145,6 +145,19 @@ def test_metric_writer_replays_only_what_mlflow_lacks(mlflow_server):
     assert steps == [2, 4, 6, 8]
 
 
+def test_an_outage_longer_than_the_writer_holds_is_reported_not_fatal(capsys):
+    from infra.local.stack import free_port
+
+    # Nothing answers at this address: the writer holds 5 metrics, drops the oldest
+    # beyond them, and says at the end how many never left; no call raises.
+    writer = MetricWriter(f"http://127.0.0.1:{free_port()}", "no-such-run", max_pending=5)
+    for step in range(1, 9):
+        writer.log({"train/loss": 1.0 / step}, step)
+    assert writer.dropped == 3
+    assert writer.close(timeout=1) == 8
+    assert "warning: 8 metrics never reached MLflow run no-such-run" in capsys.readouterr().out
+
+
 def test_the_writer_asks_whether_a_tracking_server_answers_at_all(mlflow_server):
     from infra.local.stack import free_port
 
