@@ -97,7 +97,9 @@ def test_fsdp_on_cpu_workers_trains_and_resumes_sharded_state(tmp_path):
     assert run.data.tags["train.model_wrapper"] == "FSDPVisionTransformer"
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
     assert steps == list(range(2, 45, 2))  # each step logged once, across both runs
-    assert run.data.metrics["val/top1"] > 0.2  # it learned: chance is 0.1
+    # It learned: chance is 0.1 (0.016 the spread of guessing over the 359 validation
+    # digits); 44 steps of two epochs read in no fixed order ended at 0.19-0.3.
+    assert run.data.metrics["val/top1"] > 0.15
     version = client.search_model_versions("name='vit-digits-pretrain'")[-1]
     model = create_model(checkpoint=str(tmp_path / "runs" / "fsdp" / "best_model"))
     assert model.config.embed_dim == 48 and version.tags["run_name"] == "fsdp"
