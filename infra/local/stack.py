@@ -100,6 +100,17 @@ def wait_free(ports: list[int], timeout: float = 15.0) -> None:
         time.sleep(0.25)
 
 
+def retry_start(start, attempts: int) -> None:
+    """Call `start()` until it returns, at most `attempts` times; a StackError from the
+    last attempt is raised. Each attempt must clean up after its own failure."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return start()
+        except StackError:
+            if attempt == attempts:
+                raise
+
+
 def find_binary(name: str, package: str) -> str:
     # Prefer the binary beside the running interpreter (the project's venv).
     local = Path(sys.executable).parent / name
@@ -616,12 +627,7 @@ class RayCluster:
         a node's processes can miss Ray's own 30 s registration deadlines. Raises
         StackError with the last attempt's reason."""
         find_binary("ray", "ray[default]")
-        for attempt in range(1, attempts + 1):
-            try:
-                return self._start_once(timeout)
-            except StackError:
-                if attempt == attempts:
-                    raise
+        retry_start(lambda: self._start_once(timeout), attempts)
 
     def _start_once(self, timeout: float) -> None:
         if self.port:
@@ -678,18 +684,16 @@ class RayCluster:
         joining the cluster: a new node, on a fresh temporary directory; a start that fails
         (a raylet that misses Ray's 30 s registration deadline on a loaded machine) is made
         again, up to `attempts` times. Raises StackError with the last reason."""
-        for attempt in range(1, attempts + 1):
+
+        def once() -> None:
             kill_group(self.pgids[1 + i], sig=signal.SIGKILL)  # what is left of the node
             shutil.rmtree(self._temp_dir(f"w{i}"), ignore_errors=True)
             proc = self._start_worker(i)
             self.pgids[1 + i] = self.pgids.pop()
-            try:
-                return wait_until(lambda: self.alive_nodes() == self.workers + 1, timeout,
-                                  f"Ray worker node {i}", self.root / f"ray-worker-{i}.log",
-                                  proc)  # fmt: skip
-            except StackError:
-                if attempt == attempts:
-                    raise
+            wait_until(lambda: self.alive_nodes() == self.workers + 1, timeout,
+                       f"Ray worker node {i}", self.root / f"ray-worker-{i}.log", proc)  # fmt: skip
+
+        retry_start(once, attempts)
 
     def alive_nodes(self) -> int:
         request = urllib.request.Request(
