@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import time
 from pathlib import Path
@@ -12,11 +13,27 @@ ROOT = Path(__file__).resolve().parents[1]
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
+def job_client(ray_cluster):
+    """Ray's JobSubmissionClient for `ray_cluster`. Ray lets RAY_API_SERVER_ADDRESS (or
+    RAY_ADDRESS) override the address given; the session points them at its own cluster,
+    and a test's second cluster must get its own jobs, so the client is made with them
+    pointing at `ray_cluster` (it reads them once, when made)."""
+    from ray.job_submission import JobSubmissionClient
+
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = ray_cluster.dashboard_url
+    try:
+        return JobSubmissionClient(ray_cluster.dashboard_url)
+    finally:
+        if saved is None:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
+
+
 class SubmittedJob:
     def __init__(self, ray_cluster, script: str, args: list[str]) -> None:
-        from ray.job_submission import JobSubmissionClient
-
-        self.client = JobSubmissionClient(ray_cluster.dashboard_url)
+        self.client = job_client(ray_cluster)
         self.job_id = submit(self.client, shlex.join(["python", f"pipelines/{script}", *args]))
 
     def wait(self, timeout: float = 600) -> str:
@@ -79,10 +96,9 @@ def stored_checkpoints(location: str) -> list[dict]:
 
 def train_workers(ray_cluster, submission_id: str) -> list:
     """The Ray Train workers (alive and dead) of a submitted job, from Ray's state API."""
-    from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_actors
 
-    job_id = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(submission_id).job_id
+    job_id = job_client(ray_cluster).get_job_info(submission_id).job_id
     workers = list_actors(address=ray_cluster.dashboard_url, detail=True,
                           filters=[("class_name", "=", "RayTrainWorker")],
                           raise_on_missing_output=False)  # fmt: skip
