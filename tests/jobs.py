@@ -46,6 +46,17 @@ class SubmittedJob:
         raise AssertionError(f"job {self.job_id} still running after {timeout}s:\n"
                              f"{self.logs()[-3000:]}")  # fmt: skip
 
+    def wait_until(self, ready, timeout: float, what: str):
+        """Poll `ready()` every 0.5 s until it returns something true, and return that.
+        Fails with the job's log if the job ends first or `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while not (got := ready()):
+            status = self.status()
+            assert status in ("PENDING", "RUNNING"), f"job {status} before {what}:\n{self.logs()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s:\n{self.logs()[-3000:]}"
+            time.sleep(0.5)
+        return got
+
     def status(self) -> str:
         return str(self.client.get_job_status(self.job_id))
 

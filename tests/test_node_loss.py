@@ -75,9 +75,9 @@ def test_a_lost_node_stops_a_fixed_run_and_shrinks_an_elastic_one_which_grows_ba
         f"data.location={digits_s3}", "train.steps=2000", f"tracking.experiment=fixed-{tag}",
     ))  # fmt: skip
     try:
-        wait_for(job, lambda: newest_step(location) >= 10, 300, "a checkpoint at step 10")
+        job.wait_until(lambda: newest_step(location) >= 10, 300, "a checkpoint at step 10")
         tenth = time.monotonic()
-        wait_for(job, lambda: newest_step(location) >= 20, 300, "a checkpoint at step 20")
+        job.wait_until(lambda: newest_step(location) >= 20, 300, "a checkpoint at step 20")
         steps_per_s = 10 / (time.monotonic() - tenth)  # sizes the elastic run below
         roomy_cluster.kill_worker_node()
         lost = time.monotonic()
@@ -112,21 +112,21 @@ def test_a_lost_node_stops_a_fixed_run_and_shrinks_an_elastic_one_which_grows_ba
         f"tracking.experiment=elastic-{tag}",
     ))  # fmt: skip
     try:
-        wait_for(job, lambda: groups(job) == [1] and newest_step(location) >= 10, 300,
+        job.wait_until(lambda: groups(job) == [1] and newest_step(location) >= 10, 300,
                  "a checkpoint of a group of 1 worker")  # fmt: skip
         stored = newest_step(location)
         say(f"elastic ({steps} steps): 1 worker, step {stored} stored")
         roomy_cluster.start_worker_node(timeout=240)
         say(f"node back at step {newest_step(location)}")
-        wait_for(job, lambda: groups(job) == [1, 2], 240, "a group of 2 workers")
+        job.wait_until(lambda: groups(job) == [1, 2], 240, "a group of 2 workers")
         grown = newest_step(location)
         say(f"2 workers from step {grown}")
-        wait_for(job, lambda: newest_step(location) >= grown + 10, 240,
+        job.wait_until(lambda: newest_step(location) >= grown + 10, 240,
                  f"a checkpoint after step {grown} with 2 workers")  # fmt: skip
         roomy_cluster.kill_worker_node()
         lost_at = newest_step(location)
         say(f"node lost at step {lost_at}")
-        wait_for(job, lambda: groups(job) == [1, 2, 1], 240, "a group of 1 worker again")
+        job.wait_until(lambda: groups(job) == [1, 2, 1], 240, "a group of 1 worker again")
         say(f"1 worker from step {newest_step(location)}")
         status = job.wait(timeout=600)
         say(status)
@@ -160,14 +160,3 @@ def groups(job: SubmittedJob) -> list[int]:
     """The sizes of the job's worker groups so far, as rank 0 prints them at each start."""
     # Ray prefixes a worker's lines with its name and pid.
     return [int(n) for n in re.findall(r"\b(\d+) workers?: \d+ micro-batch", job.logs())]
-
-
-def wait_for(job: SubmittedJob, ready, timeout: float, what: str) -> None:
-    """Poll `ready()` until true; fail with the job's log if the job ends first or
-    `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while not ready():
-        status = job.status()
-        assert status in ("PENDING", "RUNNING"), f"job {status} before {what}:\n{job.logs()[-3000:]}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s:\n{job.logs()[-3000:]}"
-        time.sleep(0.5)

@@ -19,7 +19,7 @@ from concurrent.futures import Future
 
 import pytest
 from conftest import SMALL_JOB
-from jobs import FINAL, SubmittedJob, newest_step, sets
+from jobs import FINAL, SubmittedJob, newest_step, sets, train_workers
 from mlflow.tracking import MlflowClient
 
 from vit_core import storage
@@ -110,7 +110,7 @@ def test_training_rides_out_tracking_and_storage_outages(
     # No worker-group restart: nothing resumed, and the job had one group of two workers.
     assert client.get_metric_history(run_id, "resumed_from_step") == []
     assert "resumed from" not in logs
-    assert len(job_train_workers(ray_cluster, job.job_id)) == 2
+    assert len(train_workers(ray_cluster, job.job_id)) == 2
     # Every step's metrics arrived once, in spite of the tracking outage.
     history = client.get_metric_history(run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
@@ -159,21 +159,8 @@ def test_training_rides_out_tracking_and_storage_outages(
 
 
 def wait_for_checkpoint(job: SubmittedJob, location: str, ready, timeout: float, what: str) -> int:
-    """Poll the run's newest complete checkpoint until `ready(step)`; returns that step.
-    Fails with the job's log if the job ends first or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while True:
-        step = newest_step(location)
-        if ready(step):
-            return step
-        status = job.status()
-        assert status in ("PENDING", "RUNNING"), (
-            f"job {status} before {what}:\n{job.logs()[-3000:]}"
-        )
-        assert time.monotonic() < deadline, (
-            f"no {what} within {timeout:.0f} s (newest: step {step}):\n{job.logs()[-3000:]}"
-        )
-        time.sleep(0.5)
+    """The run's newest complete checkpoint's step, polled until `ready(step)`."""
+    return job.wait_until(lambda: ready(step := newest_step(location)) and step, timeout, what)
 
 
 def in_background(fn, *args) -> Future:
@@ -195,18 +182,3 @@ def read_split(location: str, split: str, index) -> tuple[int, int]:
     ds = build_dataset(DataConfig(location=location), split, train=False, index=index)
     counts = [(int(b["valid"].sum()), len(b["valid"])) for b in ds.iter_batches(batch_size=256)]
     return sum(c[0] for c in counts), sum(c[1] for c in counts)
-
-
-def job_train_workers(ray_cluster, submission_id: str) -> list:
-    """The Ray Train worker actors a submitted job ever had."""
-    from ray.job_submission import JobSubmissionClient
-    from ray.util.state import list_actors
-
-    job_id = JobSubmissionClient(ray_cluster.dashboard_url).get_job_info(submission_id).job_id
-    workers = list_actors(
-        address=ray_cluster.dashboard_url,
-        filters=[("class_name", "=", "RayTrainWorker")],
-        detail=True,
-        raise_on_missing_output=False,
-    )
-    return [w for w in workers if w.job_id == job_id]
