@@ -161,6 +161,48 @@ def search(name: str, work: Path, data: str, space: dict, args, steps: int,
     }
 
 
+def replay_asha(grid: dict, order: list[float], steps: int, args) -> tuple[float, float]:
+    """ASHA replayed on the grid's curves: Ray's ASHAScheduler (the search's settings) fed
+    each trial's reports in the order they would arrive with `args.concurrency` trials at
+    once, the trials in `order` (learning rates), all at one pace with no start-up time.
+    A rate's curve is the same in every search (same batches, same seeds), so what ASHA
+    stops follows from the reports alone; the replay shows what many orders of the grid
+    would give. Returns (trial-steps, best final val/top1 among trials run to the end)."""
+    import heapq
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    asha = ASHAScheduler(time_attr="step", metric="val/top1", mode="max", max_t=steps,
+                         grace_period=args.grace, reduction_factor=args.reduction)  # fmt: skip
+    curves = {t["lr"]: {int(k): v for k, v in t["curve"].items()} for t in grid["curves"]}
+    waiting, reports, reached, finals = list(order), [], {}, {}
+
+    def start(now: float, index: int) -> None:
+        lr = waiting.pop(0)
+        asha.on_trial_add(None, SimpleNamespace(trial_id=str(lr)))
+        first = min(curves[lr])
+        heapq.heappush(reports, (now + first, index, lr, first))  # ties: the earlier start
+
+    started = min(args.concurrency, len(waiting))
+    for index in range(started):
+        start(0.0, index)
+    while reports:
+        now, index, lr, step = heapq.heappop(reports)
+        reached[lr] = step
+        result = {"step": step, "val/top1": curves[lr][step]}
+        if asha.on_trial_result(None, SimpleNamespace(trial_id=str(lr)), result) == TrialScheduler.STOP:
+            if step >= steps:
+                finals[lr] = curves[lr][step]
+            if waiting:
+                start(now, started)
+                started += 1
+        else:
+            later = min(k for k in curves[lr] if k > step)
+            heapq.heappush(reports, (now + later - step, index, lr, later))
+    return sum(reached.values()), max(finals.values())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--space", choices=sorted(SPACES), default="finetune")
@@ -182,6 +224,11 @@ def main() -> int:
                         help="ASHA searches, each with the grid listed in another random order")  # fmt: skip
     parser.add_argument("--backbone-epochs", type=int, default=40,
                         help="finetune: the backbone's pretraining epochs on the digits 0-4")  # fmt: skip
+    parser.add_argument("--replays", type=int, default=200,
+                        help="random orders of the grid to replay ASHA on (replay_asha)")  # fmt: skip
+    parser.add_argument("--from-results", type=Path, metavar="RESULTS_JSON",
+                        help="report a finished run's results.json (given the same flags) "
+                        "instead of running the searches")  # fmt: skip
     parser.add_argument("--searches", default="grid,asha,random,tpe",
                         help="which of the four to run (comma-separated)")  # fmt: skip
     args = parser.parse_args()
@@ -197,6 +244,13 @@ def main() -> int:
     from vit_core.data import make_digits_shards
     from vit_core.data.make import make_shards
 
+    rates = np.logspace(*space["grid"], args.grid)
+    if args.from_results:
+        results = json.loads(args.from_results.read_text())
+        for t in (t for r in results.values() for t in r["curves"]):
+            t["curve"] = {int(k): v for k, v in t["curve"].items()}  # JSON keeps str keys
+        report(args, space, rates, steps, search_steps, trials, startup, results)
+        return 0
     work = Path(tempfile.mkdtemp(prefix="tune-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     data = str(work / "digits")
@@ -210,7 +264,6 @@ def main() -> int:
               f"{backbone:.4f}, {time.perf_counter() - started:.0f} s", flush=True)  # fmt: skip
     else:
         make_digits_shards(data, image_size=32, progress=False)
-    rates = np.logspace(*space["grid"], args.grid)
 
     def lr_grid(order: int) -> str:  # the grid listed in a seeded random order
         values = [float(f"{v:.3g}") for v in np.random.default_rng(order).permutation(rates)]
@@ -274,6 +327,24 @@ def report(args, space, rates, steps, search_steps, trials, startup, results) ->
         print(f"over {len(ashas)} orders: grid/asha {g['steps'] / mean_steps:.2f}x trial-steps "
               f"on average; worst best asha - grid: {100 * (worst - g['best']):+.1f} points; "
               f"goal met in {met} of {len(ashas)}")  # fmt: skip
+        for name, a in ashas.items():  # the replay against the real search, same order
+            order = [t["lr"] for t in sorted(a["curves"], key=lambda t: t["started"])]
+            replayed, best = replay_asha(g, order, steps, args)
+            print(f"  {name} replayed in its start order: {replayed:.0f} trial-steps "
+                  f"(measured {a['steps']:.0f}), best {best:.4f} (measured {a['best']:.4f})")  # fmt: skip
+    if "grid" in results and args.replays:
+        import numpy as np
+
+        g, rng = results["grid"], np.random.default_rng(0)
+        lrs = [t["lr"] for t in g["curves"]]
+        runs = [replay_asha(g, list(rng.permutation(lrs)), steps, args) for _ in range(args.replays)]
+        ratios = np.array([g["steps"] / r[0] for r in runs])
+        short = np.array([100 * (g["best"] - r[1]) for r in runs])
+        print(f"ASHA replayed on the grid's curves in {args.replays} random orders "
+              f"({args.concurrency} at once): grid/asha {ratios.mean():.2f}x trial-steps on "
+              f"average (min {ratios.min():.2f}x, max {ratios.max():.2f}x, at least 3x in "
+              f"{np.mean(ratios >= 3):.0%}); best within 0.5 points of the grid's in "
+              f"{np.mean(short <= 0.5):.0%}; goal met in {np.mean((ratios >= 3) & (short <= 0.5)):.0%}")  # fmt: skip
     if "random" in results and "tpe" in results:
         print(f"best tpe - random after {trials} trials: "
               f"{100 * (results['tpe']['best'] - results['random']['best']):+.1f} points")
