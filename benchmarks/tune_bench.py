@@ -5,6 +5,7 @@ run) on a local Ray, digits at 32 px, a small ViT (4x4 patches of 8 px, width 48
     python benchmarks/tune_bench.py                   # fine-tuning space, about an hour on 2 cores
     python benchmarks/tune_bench.py --space pretrain  # the from-scratch space, about an hour
     python benchmarks/tune_bench.py --searches grid,asha --grid 6 --steps 90
+    python benchmarks/tune_bench.py --from-results /tmp/tune-bench-XXXX/results.json
 
 Two spaces:
   finetune  the issue's case, the paper's fine-tuning recipe (digits_finetune.yaml under
@@ -41,7 +42,10 @@ Every trial reads its batches in the same order (data.preserve_order) from the s
 so a learning rate's curve is the same in every search: the grid and ASHA differ only in
 which trials ASHA stops. ASHA runs once per order of the grid because its rungs are
 asynchronous: the first trials to reach a rung have nothing to be compared with and pass,
-so what it spends and finds depends on which rates come first.
+so what it spends and finds depends on which rates come first. Three real orders are a
+small sample, so ASHA is also replayed on the grid's curves (replay_asha: Ray's own
+ASHAScheduler fed the reports) in --replays random orders; the replay of each measured
+order is printed beside it, as a check of the replay.
 """
 
 from __future__ import annotations
