@@ -2,7 +2,7 @@
 budget, each search a real run of pipelines/tune.py's driver (every trial a Ray Train
 run) on a local Ray, digits at 32 px, a small ViT (4x4 patches of 8 px, width 48, 2 blocks).
 
-    python benchmarks/tune_bench.py                   # fine-tuning space, about an hour on 2 cores
+    python benchmarks/tune_bench.py                   # fine-tuning space, 1 h 50 min on 2 cores
     python benchmarks/tune_bench.py --space pretrain  # the from-scratch space, about an hour
     python benchmarks/tune_bench.py --searches grid,asha --grid 6 --steps 90
     python benchmarks/tune_bench.py --from-results /tmp/tune-bench-XXXX/results.json
