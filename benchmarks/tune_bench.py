@@ -179,7 +179,7 @@ def replay_asha(grid: dict, order: list[float], steps: int, args) -> tuple[float
 
     asha = ASHAScheduler(time_attr="step", metric="val/top1", mode="max", max_t=steps,
                          grace_period=args.grace, reduction_factor=args.reduction)  # fmt: skip
-    curves = {t["lr"]: {int(k): v for k, v in t["curve"].items()} for t in grid["curves"]}
+    curves = {t["lr"]: t["curve"] for t in grid["curves"]}  # step (int) -> val/top1
     waiting, reports, reached, finals = list(order), [], {}, {}
 
     def start(now: float, index: int) -> None:

@@ -8,27 +8,26 @@ import os
 import shlex
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 FINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
+def addressed_to(ray_cluster):
+    """A context in which Ray's job and state clients reach `ray_cluster`. They let
+    RAY_API_SERVER_ADDRESS (or RAY_ADDRESS) override the address they are given, and the
+    session points those at its own cluster; a test's second cluster must get its own
+    jobs and actors."""
+    return mock.patch.dict(os.environ, {"RAY_API_SERVER_ADDRESS": ray_cluster.dashboard_url})
+
+
 def job_client(ray_cluster):
-    """Ray's JobSubmissionClient for `ray_cluster`. Ray lets RAY_API_SERVER_ADDRESS (or
-    RAY_ADDRESS) override the address given; the session points them at its own cluster,
-    and a test's second cluster must get its own jobs, so the client is made with them
-    pointing at `ray_cluster` (it reads them once, when made)."""
+    """Ray's JobSubmissionClient for `ray_cluster` (it reads the address when made)."""
     from ray.job_submission import JobSubmissionClient
 
-    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
-    os.environ["RAY_API_SERVER_ADDRESS"] = ray_cluster.dashboard_url
-    try:
+    with addressed_to(ray_cluster):
         return JobSubmissionClient(ray_cluster.dashboard_url)
-    finally:
-        if saved is None:
-            del os.environ["RAY_API_SERVER_ADDRESS"]
-        else:
-            os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 class SubmittedJob:
@@ -110,9 +109,10 @@ def train_workers(ray_cluster, submission_id: str) -> list:
     from ray.util.state import list_actors
 
     job_id = job_client(ray_cluster).get_job_info(submission_id).job_id
-    workers = list_actors(address=ray_cluster.dashboard_url, detail=True,
-                          filters=[("class_name", "=", "RayTrainWorker")],
-                          raise_on_missing_output=False)  # fmt: skip
+    with addressed_to(ray_cluster):
+        workers = list_actors(address=ray_cluster.dashboard_url, detail=True,
+                              filters=[("class_name", "=", "RayTrainWorker")],
+                              raise_on_missing_output=False)  # fmt: skip
     return [w for w in workers if job_id and w.job_id == job_id]
 
 

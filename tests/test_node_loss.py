@@ -113,7 +113,7 @@ def test_a_lost_node_stops_a_fixed_run_and_shrinks_an_elastic_one_which_grows_ba
     ))  # fmt: skip
     try:
         job.wait_until(lambda: groups(job) == [1] and newest_step(location) >= 10, 300,
-                 "a checkpoint of a group of 1 worker")  # fmt: skip
+                       "a checkpoint of a group of 1 worker")  # fmt: skip
         stored = newest_step(location)
         say(f"elastic ({steps} steps): 1 worker, step {stored} stored")
         roomy_cluster.start_worker_node(timeout=240)
@@ -122,7 +122,7 @@ def test_a_lost_node_stops_a_fixed_run_and_shrinks_an_elastic_one_which_grows_ba
         grown = newest_step(location)
         say(f"2 workers from step {grown}")
         job.wait_until(lambda: newest_step(location) >= grown + 10, 240,
-                 f"a checkpoint after step {grown} with 2 workers")  # fmt: skip
+                       f"a checkpoint after step {grown} with 2 workers")  # fmt: skip
         roomy_cluster.kill_worker_node()
         lost_at = newest_step(location)
         say(f"node lost at step {lost_at}")
